@@ -1,0 +1,45 @@
+// Unified compacted input gradient on CPU: dx (N, in) = dy[:, idx] @ W[idx, :].
+#include <torch/library.h>
+
+#include "small_gemm.h"
+
+namespace meprop::cpu {
+namespace {
+
+at::Tensor linear_input_grad_unified_cpu(const at::Tensor& dy_in, const at::Tensor& weight_in,
+                                         const at::Tensor& idx_in) {
+  constexpr const char* op = "linear_input_grad_unified";
+  check_matrix(dy_in, op, "dy");
+  check_matrix(weight_in, op, "weight");
+  check_same(dy_in, weight_in, op, "dy", "weight");
+  TORCH_CHECK(dy_in.size(1) == weight_in.size(0), op, ": dy has ", dy_in.size(1),
+              " columns but weight has ", weight_in.size(0), " rows");
+  check_index(idx_in, 1, weight_in.size(0), dy_in, op);
+  const at::Tensor dy = dy_in.contiguous(), weight = weight_in.contiguous(), idx = idx_in.contiguous();
+  const int64_t n_rows = dy.size(0), n_out = dy.size(1), n_in = weight.size(1), k = idx.size(0);
+  at::Tensor dx = empty_for_write({n_rows, n_in}, dy.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "linear_input_grad_unified_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
+    const scalar_t* pw = weight.const_data_ptr<scalar_t>();
+    const int64_t* pi = idx.const_data_ptr<int64_t>();
+    // The compacted blocks, in the accumulation type: a = dy[:, idx] (N x k), b = W[idx, :] (k x in).
+    std::vector<acc> a(n_rows * k), b(k * n_in);
+    at::parallel_for(0, n_rows, row_grain(k), [&](int64_t r0, int64_t r1) {
+      for (int64_t n = r0; n < r1; ++n)
+        for (int64_t j = 0; j < k; ++j) a[n * k + j] = static_cast<acc>(pdy[n * n_out + pi[j]]);
+    });
+    at::parallel_for(0, k, row_grain(n_in), [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t c = 0; c < n_in; ++c) b[j * n_in + c] = static_cast<acc>(pw[pi[j] * n_in + c]);
+    });
+    small_gemm(n_rows, n_in, k, a.data(), k, b.data(), n_in, dx.mutable_data_ptr<scalar_t>(), n_in);
+  });
+  return dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(meprop, CPU, m) { m.impl("linear_input_grad_unified", &linear_input_grad_unified_cpu); }
+
+}  // namespace meprop::cpu

@@ -1,0 +1,104 @@
+// Per-example sparse weight gradient on CPU: dW[j] = sum over (n, i) with idx[n, i] == j of
+// vals[n, i] * x[n]. The (n, i) pairs are bucketed by output row (a counting sort), so every row of dW
+// is owned by one thread: no atomics, no dense masked dy, and a fixed summation order.
+#include <torch/library.h>
+
+#include "common.h"
+
+namespace meprop::cpu {
+namespace {
+
+constexpr int64_t kStrip = 64;
+
+template <typename scalar_t, int64_t W>
+inline void sum_rows_strip(const acc_t<scalar_t>* coef, const int64_t* src, int64_t count, const scalar_t* x,
+                           int64_t n_in, int64_t width, scalar_t* out) {
+  using acc = acc_t<scalar_t>;
+  acc t[W ? W : kStrip] = {};
+  for (int64_t e = 0; e < count; ++e) {
+    const acc a = coef[e];
+    const scalar_t* xr = x + src[e] * n_in;
+    for (int64_t c = 0; c < (W ? W : width); ++c) t[c] += a * static_cast<acc>(xr[c]);
+  }
+  for (int64_t c = 0; c < (W ? W : width); ++c) out[c] = static_cast<scalar_t>(t[c]);
+}
+
+at::Tensor linear_weight_grad_rows_cpu(const at::Tensor& vals_in, const at::Tensor& idx_in, const at::Tensor& x_in,
+                                       int64_t out_features, const std::optional<at::Tensor>& rows_in) {
+  constexpr const char* op = "linear_weight_grad_rows";
+  check_matrix(vals_in, op, "vals");
+  check_matrix(x_in, op, "x");
+  check_same(vals_in, x_in, op, "vals", "x");
+  TORCH_CHECK(out_features >= 0, op, ": out_features must be >= 0, got ", out_features);
+  check_index(idx_in, 2, out_features, vals_in, op);
+  TORCH_CHECK(idx_in.sizes() == vals_in.sizes(), op, ": idx and vals must have the same shape, got ",
+              idx_in.sizes(), " and ", vals_in.sizes());
+  TORCH_CHECK(vals_in.size(0) == x_in.size(0), op, ": vals has ", vals_in.size(0), " rows but x has ",
+              x_in.size(0));
+  const at::Tensor vals = vals_in.contiguous(), idx = idx_in.contiguous(), x = x_in.contiguous();
+  const int64_t n_rows = vals.size(0), k = vals.size(1), n_in = x.size(1);
+
+  // pos[j]: the output row that gradient row j goes to, or -1 when it is not asked for.
+  std::vector<int64_t> pos(out_features);
+  int64_t n_out_rows = out_features;
+  if (rows_in.has_value()) {
+    check_index(*rows_in, 1, out_features, vals_in, op);
+    const at::Tensor rows = rows_in->contiguous();
+    n_out_rows = rows.size(0);
+    std::fill(pos.begin(), pos.end(), int64_t{-1});
+    const int64_t* pr = rows.const_data_ptr<int64_t>();
+    for (int64_t p = 0; p < n_out_rows; ++p) {
+      TORCH_CHECK(pos[pr[p]] < 0, op, ": rows holds row ", pr[p], " twice");
+      pos[pr[p]] = p;
+    }
+  } else {
+    for (int64_t j = 0; j < out_features; ++j) pos[j] = j;
+  }
+  at::Tensor grad = empty_for_write({n_out_rows, n_in}, vals.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, vals.scalar_type(), "linear_weight_grad_rows_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* pv = vals.const_data_ptr<scalar_t>();
+    const int64_t* pi = idx.const_data_ptr<int64_t>();
+    // Counting sort of the (n, i) pairs by output row, stable in n.
+    std::vector<int64_t> start(n_out_rows + 1, 0);
+    for (int64_t e = 0; e < n_rows * k; ++e)
+      if (pos[pi[e]] >= 0) ++start[pos[pi[e]] + 1];
+    for (int64_t p = 0; p < n_out_rows; ++p) start[p + 1] += start[p];
+    std::vector<int64_t> fill(start.begin(), start.end() - 1), src(start[n_out_rows]);
+    std::vector<acc> coef(start[n_out_rows]);
+    for (int64_t e = 0; e < n_rows * k; ++e) {
+      const int64_t p = pos[pi[e]];
+      if (p < 0) continue;
+      src[fill[p]] = e / k;
+      coef[fill[p]++] = static_cast<acc>(pv[e]);
+    }
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    scalar_t* pg = grad.mutable_data_ptr<scalar_t>();
+    const int64_t strips = (n_in + kStrip - 1) / kStrip;
+    constexpr int64_t kRowBlock = 64;
+    const int64_t row_blocks = (n_out_rows + kRowBlock - 1) / kRowBlock;
+    at::parallel_for(0, strips * row_blocks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t c = (t / row_blocks) * kStrip, width = std::min(kStrip, n_in - c);
+        const int64_t p_lo = (t % row_blocks) * kRowBlock, p_hi = std::min(n_out_rows, p_lo + kRowBlock);
+        for (int64_t p = p_lo; p < p_hi; ++p) {
+          const int64_t b = start[p], count = start[p + 1] - b;
+          if (width == kStrip)
+            sum_rows_strip<scalar_t, kStrip>(coef.data() + b, src.data() + b, count, px + c, n_in, width,
+                                             pg + p * n_in + c);
+          else
+            sum_rows_strip<scalar_t, 0>(coef.data() + b, src.data() + b, count, px + c, n_in, width,
+                                        pg + p * n_in + c);
+        }
+      }
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(meprop, CPU, m) { m.impl("linear_weight_grad_rows", &linear_weight_grad_rows_cpu); }
+
+}  // namespace meprop::cpu

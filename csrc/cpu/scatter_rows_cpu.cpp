@@ -1,0 +1,46 @@
+// Scatter of compacted gradient rows into a dense (out_features, in) gradient on CPU. Every element is
+// written exactly once (a copied row or zeros), in parallel, so the fresh pages fault on both cores.
+#include <torch/library.h>
+
+#include <cstring>
+
+#include "common.h"
+
+namespace meprop::cpu {
+namespace {
+
+at::Tensor scatter_rows_cpu(const at::Tensor& rows_in, const at::Tensor& idx_in, int64_t out_features) {
+  constexpr const char* op = "scatter_rows";
+  check_matrix(rows_in, op, "rows");
+  TORCH_CHECK(out_features >= 0, op, ": out_features must be >= 0, got ", out_features);
+  check_index(idx_in, 1, out_features, rows_in, op);
+  TORCH_CHECK(idx_in.size(0) == rows_in.size(0), op, ": idx has ", idx_in.size(0), " entries but rows has ",
+              rows_in.size(0), " rows");
+  const at::Tensor rows = rows_in.contiguous(), idx = idx_in.contiguous();
+  const int64_t k = rows.size(0), n_in = rows.size(1);
+  std::vector<int64_t> pos(out_features, -1);
+  const int64_t* pi = idx.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < k; ++i) {
+    TORCH_CHECK(pos[pi[i]] < 0, op, ": idx holds row ", pi[i], " twice");
+    pos[pi[i]] = i;
+  }
+  at::Tensor dense = empty_for_write({out_features, n_in}, rows.options());
+  const size_t row_bytes = n_in * rows.element_size();
+  const char* src = static_cast<const char*>(rows.const_data_ptr());
+  char* dst = static_cast<char*>(dense.mutable_data_ptr());
+  at::parallel_for(0, out_features, row_grain(n_in), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      if (pos[r] >= 0)
+        std::memcpy(dst + r * row_bytes, src + pos[r] * row_bytes, row_bytes);
+      else
+        std::memset(dst + r * row_bytes, 0, row_bytes);  // all-zero bytes are +0.0 in every float dtype
+    }
+  });
+  return dense;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(meprop, CPU, m) { m.impl("scatter_rows", &scatter_rows_cpu); }
+
+}  // namespace meprop::cpu

@@ -1,0 +1,48 @@
+"""Builds meprop._C: the CPU kernels always; the CUDA kernels when a CUDA toolkit and a CUDA build of torch
+are present. Environment switches:
+
+- ``MEPROP_CUDA``: ``1`` forces the CUDA build (and fails if it cannot), ``0`` skips it; unset = automatic.
+- ``MEPROP_MARCH``: the ``-march`` of the CPU kernels (default ``native``: the extension is built on the
+  machine that runs it); ``MEPROP_MARCH=`` (empty) leaves the compiler's default.
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def _want_cuda() -> bool:
+    flag = os.environ.get("MEPROP_CUDA", "").strip()
+    if flag == "0":
+        return False
+    import torch
+
+    possible = torch.version.cuda is not None and CUDA_HOME is not None
+    if flag == "1":
+        if not possible:
+            raise RuntimeError(
+                "MEPROP_CUDA=1 but the CUDA build is impossible: "
+                f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={CUDA_HOME!r}"
+            )
+        return True
+    return possible and bool(glob.glob("csrc/cuda/*.cu"))
+
+
+def _extension():
+    march = os.environ.get("MEPROP_MARCH", "native")
+    cxx = ["-O3", "-std=c++17"] + ([f"-march={march}"] if march else [])
+    sources = ["csrc/meprop.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    if _want_cuda():
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+        return CUDAExtension("meprop._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+    return CppExtension("meprop._C", sources, extra_compile_args={"cxx": cxx})
+
+
+setup(
+    packages=find_packages(include=["meprop", "meprop.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension},
+)

@@ -1,0 +1,23 @@
+"""meprop: sparse backpropagation (meProp, Sun et al., ICML 2017) for PyTorch.
+
+``meprop.Linear`` is a drop-in ``nn.Linear`` whose backward keeps only the top-k entries of the output
+gradient; ``meprop.convert`` swaps it into an existing model; ``meprop.functional.linear`` is the function.
+The ops run on fused C++ (CPU), CUDA or Triton kernels, all checked against ``meprop.reference``.
+"""
+
+import warnings
+
+from . import backends, functional, ops, reference
+from .functional import MODES, linear_backward
+from .modules import Linear, convert
+
+__all__ = ["Linear", "convert", "functional", "backends", "reference", "ops", "MODES", "linear_backward"]
+__version__ = "0.1.0"
+
+if ops.EXTENSION_ERROR is not None:
+    warnings.warn(
+        f"meprop: the C++ extension could not be loaded ({ops.EXTENSION_ERROR}); "
+        "every backend falls back to the pure-PyTorch reference path",
+        RuntimeWarning,
+        stacklevel=2,
+    )

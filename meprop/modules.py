@@ -1,0 +1,102 @@
+"""``meprop.Linear``, a drop-in ``nn.Linear`` with a top-k sparsified backward, and ``meprop.convert``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import backends, functional
+
+__all__ = ["Linear", "convert"]
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose backward keeps only ``k`` output-gradient entries (see :mod:`meprop.functional`).
+
+    Same parameters, initialisation, forward and ``state_dict`` as ``nn.Linear``; inputs of shape
+    ``(..., in_features)``.
+
+    Args:
+        k: kept entries (int >= 1, or a ratio in (0, 1]); ``k >= out_features`` or None: dense backward.
+        mode: ``"unified"`` (default), ``"per_example"``, ``"random_unified"`` or ``"random_per_example"``.
+        backend: None (automatic) or one of ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``.
+        sparse_grad: the weight gradient is a sparse COO tensor of the touched rows only.
+        generator: random source for the random modes.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        k,
+        mode: str = "unified",
+        backend: str | None = None,
+        sparse_grad: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        where = f"meprop.Linear({in_features}, {out_features})"
+        functional.resolve_k(k, out_features, where)  # validates k
+        functional._check_mode(mode, where)
+        if backend is not None and backend not in backends.BACKENDS:
+            raise ValueError(f"{where}: backend must be None or one of {backends.BACKENDS}, got {backend!r}")
+        self.k = k
+        self.mode = mode
+        self.backend = backend
+        self.sparse_grad = sparse_grad
+        self.generator = generator
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **options) -> Linear:
+        """A meprop.Linear sharing ``linear``'s parameter objects (so existing optimizers keep working)."""
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta", **options)
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        return layer
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return functional.linear(
+            input,
+            self.weight,
+            self.bias,
+            k=self.k,
+            mode=self.mode,
+            backend=self.backend,
+            sparse_grad=self.sparse_grad,
+            generator=self.generator,
+        )
+
+    def extra_repr(self) -> str:
+        text = f"{super().extra_repr()}, k={self.k}, mode={self.mode!r}"
+        if self.backend is not None:
+            text += f", backend={self.backend!r}"
+        if self.sparse_grad:
+            text += ", sparse_grad=True"
+        return text
+
+
+def convert(module: nn.Module, *, k, mode: str = "unified", skip_last: bool = False, **options) -> nn.Module:
+    """Replace every ``nn.Linear`` in ``module`` (itself included) with a :class:`Linear` sharing its parameters.
+
+    Only modules whose type is exactly ``nn.Linear`` are replaced (subclasses such as attention's
+    ``out_proj``, whose weights their owner uses directly, are left alone). With ``skip_last`` the last
+    ``nn.Linear`` in ``module.named_modules()`` order (usually the output layer) stays dense. ``options``
+    (``backend``, ``sparse_grad``, ``generator``) are passed to :class:`Linear`. Returns the converted module
+    (a new object only when ``module`` itself is an ``nn.Linear``).
+    """
+    targets = [name for name, m in module.named_modules() if type(m) is nn.Linear]
+    if skip_last and targets:
+        targets.pop()
+    for name in targets:
+        old = module.get_submodule(name)
+        new = Linear.from_linear(old, k=k, mode=mode, **options)
+        new.train(old.training)
+        if name == "":
+            return new
+        parent_name, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent_name), child, new)
+    return module

@@ -1,4 +1,5 @@
-// Unified compacted input gradient on CPU: dx (N, in) = dy[:, idx] @ W[idx, :].
+// Unified compacted input gradient on CPU: dx (N, in) = dy[:, idx] @ W[idx, :]. float32/float64 use BLAS on
+// the compacted blocks; float16/bfloat16 use small_gemm, which accumulates in float32.
 #include <torch/library.h>
 
 #include "small_gemm.h"
@@ -18,6 +19,10 @@ at::Tensor linear_input_grad_unified_cpu(const at::Tensor& dy_in, const at::Tens
   const at::Tensor dy = dy_in.contiguous(), weight = weight_in.contiguous(), idx = idx_in.contiguous();
   const int64_t n_rows = dy.size(0), n_out = dy.size(1), n_in = weight.size(1), k = idx.size(0);
   at::Tensor dx = empty_for_write({n_rows, n_in}, dy.options());
+  if (dy.scalar_type() == at::kFloat || dy.scalar_type() == at::kDouble) {
+    // BLAS is faster than small_gemm on the compacted blocks here; it accumulates in the input type.
+    return at::mm_out(dx, dy.index_select(1, idx), weight.index_select(0, idx));
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "linear_input_grad_unified_cpu", [&] {
     using acc = acc_t<scalar_t>;
     const scalar_t* pdy = dy.const_data_ptr<scalar_t>();

@@ -3,25 +3,10 @@
 // is owned by one thread: no atomics, no dense masked dy, and a fixed summation order.
 #include <torch/library.h>
 
-#include "common.h"
+#include "combine_rows.h"
 
 namespace meprop::cpu {
 namespace {
-
-constexpr int64_t kStrip = 64;
-
-template <typename scalar_t, int64_t W>
-inline void sum_rows_strip(const acc_t<scalar_t>* coef, const int64_t* src, int64_t count, const scalar_t* x,
-                           int64_t n_in, int64_t width, scalar_t* out) {
-  using acc = acc_t<scalar_t>;
-  acc t[W ? W : kStrip] = {};
-  for (int64_t e = 0; e < count; ++e) {
-    const acc a = coef[e];
-    const scalar_t* xr = x + src[e] * n_in;
-    for (int64_t c = 0; c < (W ? W : width); ++c) t[c] += a * static_cast<acc>(xr[c]);
-  }
-  for (int64_t c = 0; c < (W ? W : width); ++c) out[c] = static_cast<scalar_t>(t[c]);
-}
 
 at::Tensor linear_weight_grad_rows_cpu(const at::Tensor& vals_in, const at::Tensor& idx_in, const at::Tensor& x_in,
                                        int64_t out_features, const std::optional<at::Tensor>& rows_in) {
@@ -75,23 +60,20 @@ at::Tensor linear_weight_grad_rows_cpu(const at::Tensor& vals_in, const at::Tens
     }
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     scalar_t* pg = grad.mutable_data_ptr<scalar_t>();
-    const int64_t strips = (n_in + kStrip - 1) / kStrip;
-    constexpr int64_t kRowBlock = 64;
-    const int64_t row_blocks = (n_out_rows + kRowBlock - 1) / kRowBlock;
-    at::parallel_for(0, strips * row_blocks, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t c = (t / row_blocks) * kStrip, width = std::min(kStrip, n_in - c);
-        const int64_t p_lo = (t % row_blocks) * kRowBlock, p_hi = std::min(n_out_rows, p_lo + kRowBlock);
-        for (int64_t p = p_lo; p < p_hi; ++p) {
-          const int64_t b = start[p], count = start[p + 1] - b;
-          if (width == kStrip)
-            sum_rows_strip<scalar_t, kStrip>(coef.data() + b, src.data() + b, count, px + c, n_in, width,
-                                             pg + p * n_in + c);
-          else
-            sum_rows_strip<scalar_t, 0>(coef.data() + b, src.data() + b, count, px + c, n_in, width,
-                                        pg + p * n_in + c);
+    // One task per column strip: pack the strip of x (N x strip), then every output row sums its bucket.
+    with_strip_vecs(strip_vecs<acc>(n_rows), [&](auto vecs) {
+      constexpr int64_t kStrip = decltype(vecs)::value * Simd<acc>::kLanes;
+      const int64_t strips = (n_in + kStrip - 1) / kStrip;
+      at::parallel_for(0, strips, 1, [&](int64_t s0, int64_t s1) {
+        std::vector<acc> panel(n_rows * kStrip);
+        for (int64_t s = s0; s < s1; ++s) {
+          const int64_t c = s * kStrip, width = std::min(kStrip, n_in - c);
+          pack_strips(px, n_in, n_rows, c, width, kStrip, 1, panel.data());
+          for (int64_t p = 0; p < n_out_rows; ++p)
+            combine_rows<decltype(vecs)::value>(start[p + 1] - start[p], coef.data() + start[p], src.data() + start[p],
+                                                panel.data(), pg + p * n_in + c, width);
         }
-      }
+      });
     });
   });
   return grad;

@@ -1,4 +1,5 @@
-// Unified compacted weight gradient on CPU: dW_rows (k, in) = dy[:, idx]^T @ x.
+// Unified compacted weight gradient on CPU: dW_rows (k, in) = dy[:, idx]^T @ x. float32/float64 use BLAS;
+// float16/bfloat16 use small_gemm, which accumulates in float32 without converting x as a whole.
 #include <torch/library.h>
 
 #include "small_gemm.h"
@@ -18,6 +19,10 @@ at::Tensor linear_weight_grad_unified_cpu(const at::Tensor& dy_in, const at::Ten
   const at::Tensor dy = dy_in.contiguous(), x = x_in.contiguous(), idx = idx_in.contiguous();
   const int64_t n_rows = dy.size(0), n_out = dy.size(1), n_in = x.size(1), k = idx.size(0);
   at::Tensor rows = at::empty({k, n_in}, dy.options());
+  if (dy.scalar_type() == at::kFloat || dy.scalar_type() == at::kDouble) {
+    // BLAS is faster than small_gemm on the compacted blocks here; it accumulates in the input type.
+    return at::mm_out(rows, dy.index_select(1, idx).t(), x);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "linear_weight_grad_unified_cpu", [&] {
     using acc = acc_t<scalar_t>;
     const scalar_t* pdy = dy.const_data_ptr<scalar_t>();

@@ -2,67 +2,54 @@
 // the inner dimension is k (tens) or the output has only k rows. C[m, c] = sum_j A[m, j] * B[j, c].
 #pragma once
 
+#include <vector>
+
 #include "common.h"
+#include "simd.h"
 
 namespace meprop::cpu {
 
-// Output tile held in registers: kTileRows x kTileCols accumulators (8 AVX2 registers for float).
-constexpr int64_t kTileRows = 4;
-constexpr int64_t kTileCols = 16;
+constexpr int kTileRows = 4;  // output tile: kTileRows x 2 vectors (for float, 4 x 16 in 8 AVX2 registers)
 
-template <typename acc, typename b_t, typename c_t>
-inline void small_gemm_tile(int64_t K, const acc* A, int64_t lda, const b_t* B, int64_t ldb, c_t* C,
-                            int64_t ldc) {
-  acc t[kTileRows][kTileCols] = {};
+// C[0:R, 0:cols] = A[0:R, 0:K] @ panel[0:K, 0:2L], the panel packed with rows of 2L values.
+template <int R, typename acc, typename c_t>
+inline void small_gemm_tile(int64_t K, const acc* A, int64_t lda, const acc* panel, c_t* C, int64_t ldc,
+                            int64_t cols) {
+  constexpr int L = Simd<acc>::kLanes;
+  vec_t<acc> t[R][2] = {};
   for (int64_t j = 0; j < K; ++j) {
-    acc b[kTileCols];
-    for (int64_t c = 0; c < kTileCols; ++c) b[c] = static_cast<acc>(B[j * ldb + c]);
-    for (int64_t r = 0; r < kTileRows; ++r) {
+    const vec_t<acc> b0 = load_vec(panel + j * 2 * L), b1 = load_vec(panel + j * 2 * L + L);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
       const acc a = A[r * lda + j];
-      for (int64_t c = 0; c < kTileCols; ++c) t[r][c] += a * b[c];
+      t[r][0] += a * b0;
+      t[r][1] += a * b1;
     }
   }
-  for (int64_t r = 0; r < kTileRows; ++r)
-    for (int64_t c = 0; c < kTileCols; ++c) C[r * ldc + c] = static_cast<c_t>(t[r][c]);
+  for (int r = 0; r < R; ++r) store_row<acc, 2>(C + r * ldc, t[r], cols);
 }
 
-// The same for a partial tile at the matrix edge (rows < kTileRows or cols < kTileCols).
-template <typename acc, typename b_t, typename c_t>
-inline void small_gemm_edge(int64_t rows, int64_t cols, int64_t K, const acc* A, int64_t lda, const b_t* B,
-                            int64_t ldb, c_t* C, int64_t ldc) {
-  for (int64_t r = 0; r < rows; ++r) {
-    acc t[kTileCols] = {};
-    for (int64_t j = 0; j < K; ++j) {
-      const acc a = A[r * lda + j];
-      for (int64_t c = 0; c < cols; ++c) t[c] += a * static_cast<acc>(B[j * ldb + c]);
-    }
-    for (int64_t c = 0; c < cols; ++c) C[r * ldc + c] = static_cast<c_t>(t[c]);
-  }
-}
-
-// C (M x Ncols, leading dimension ldc) = A (M x K) @ B (K x Ncols), parallel over blocks of C. A is an
-// accumulation-type buffer; B and C may be of the input dtype (converted on load and on store).
+// C (M x Ncols, leading dimension ldc) = A (M x K, an accumulation-type buffer) @ B (K x Ncols, leading
+// dimension ldb, any float dtype), parallel over column blocks of C. Each block of B is packed once
+// (row segments of kBlockStrips tiles, long enough to stream from memory) and used for every row tile.
 template <typename acc, typename b_t, typename c_t>
 void small_gemm(int64_t M, int64_t Ncols, int64_t K, const acc* A, int64_t lda, const b_t* B, int64_t ldb,
                 c_t* C, int64_t ldc) {
-  constexpr int64_t kBlockRows = 64, kBlockCols = 256;
-  const int64_t row_blocks = (M + kBlockRows - 1) / kBlockRows;
-  const int64_t col_blocks = (Ncols + kBlockCols - 1) / kBlockCols;
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(kBlockRows * kBlockCols / 64 * K, 1));
-  at::parallel_for(0, row_blocks * col_blocks, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t m_lo = (blk % row_blocks) * kBlockRows, m_hi = std::min(M, m_lo + kBlockRows);
-      const int64_t c_lo = (blk / row_blocks) * kBlockCols, c_hi = std::min(Ncols, c_lo + kBlockCols);
-      // Column strips outside, row tiles inside: the K x kTileCols strip of B stays in L1.
-      for (int64_t c = c_lo; c < c_hi; c += kTileCols) {
-        const int64_t cols = std::min(kTileCols, c_hi - c);
-        for (int64_t m = m_lo; m < m_hi; m += kTileRows) {
-          const int64_t rows = std::min(kTileRows, m_hi - m);
-          if (rows == kTileRows && cols == kTileCols)
-            small_gemm_tile(K, A + m * lda, lda, B + c, ldb, C + m * ldc + c, ldc);
-          else
-            small_gemm_edge(rows, cols, K, A + m * lda, lda, B + c, ldb, C + m * ldc + c, ldc);
-        }
+  constexpr int64_t kCols = 2 * Simd<acc>::kLanes, kBlockStrips = 8, kBlock = kBlockStrips * kCols;
+  const int64_t blocks = (Ncols + kBlock - 1) / kBlock;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(M * K * kBlock, 1));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<acc> panel(K * kBlock);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t c0 = b * kBlock, width = std::min(kBlock, Ncols - c0);
+      pack_strips(B, ldb, K, c0, width, kCols, kBlockStrips, panel.data());
+      for (int64_t s = 0; s * kCols < width; ++s) {
+        const acc* strip = panel.data() + s * K * kCols;
+        const int64_t c = c0 + s * kCols, cols = std::min(kCols, width - s * kCols);
+        int64_t m = 0;
+        for (; m + kTileRows <= M; m += kTileRows)
+          small_gemm_tile<kTileRows>(K, A + m * lda, lda, strip, C + m * ldc + c, ldc, cols);
+        for (; m < M; ++m) small_gemm_tile<1>(K, A + m * lda, lda, strip, C + m * ldc + c, ldc, cols);
       }
     }
   });

@@ -5,8 +5,8 @@ returns this module). They check their arguments, then call the ops ``torch.ops.
 (registered with ``torch.library.triton_op`` where torch has it, so torch.compile traces the kernels).
 
 Limits: float32, float16 and bfloat16 tensors (float32 accumulation); the top-k selections take
-``k <= 256`` (:data:`MAX_K`); tensors on a CUDA device, or CPU tensors under ``TRITON_INTERPRET=1``
-(Triton's interpreter). Index arguments are range-checked: on CPU with a ValueError, on CUDA with an
+``k <= 256`` (:data:`MAX_K`); tensors on a CUDA device, or CPU tensors when Triton runs in its
+interpreter (``TRITON_INTERPRET=1`` set before triton is imported). Index arguments are range-checked: on CPU with a ValueError, on CUDA with an
 asynchronous device assertion (no host synchronisation).
 """
 
@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from . import ops as _ops  # noqa: F401  (registers torch.ops.meprop_triton.*)
-from ._runtime import interpreting
+from ._runtime import INTERPRETED
 
 __all__ = [
     "DTYPES",
@@ -40,10 +40,10 @@ def _check_matrix(op: str, name: str, t) -> None:
         raise ValueError(f"{op}: {name} must be 2-D, got shape {tuple(t.shape)}")
     if t.dtype not in DTYPES:
         raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16 for the Triton kernels, got {t.dtype}")
-    if t.device.type != "cuda" and not (t.device.type == "cpu" and interpreting()):
+    if t.device.type != "cuda" and not (t.device.type == "cpu" and INTERPRETED):
         raise ValueError(
             f"{op}: {name} is on {t.device}; the Triton kernels take CUDA tensors "
-            "(CPU tensors only under TRITON_INTERPRET=1)"
+            "(CPU tensors only when triton was imported with TRITON_INTERPRET=1)"
         )
 
 

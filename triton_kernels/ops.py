@@ -9,7 +9,8 @@ from typing import Optional
 import torch
 import triton
 
-from ._runtime import interpreting, kernels, launch, library_op
+from . import rows_kernels, topk_kernels, unified_kernels
+from ._runtime import INTERPRETED, launch, library_op
 
 # Block sizes chosen by the launcher rather than by autotuning (they fix the shape of the selection state).
 _TOPK_CHUNK = 1024  # columns per merge step of the top-k kernel (GPU)
@@ -24,12 +25,13 @@ def _next_pow2(n: int) -> int:
 
 
 def _topk_plan(n_cols: int, k: int) -> dict:
-    """Compile-time sizes of ``topk_kernel``: the kept-key buffer, the merge chunk, rows per program."""
-    max_chunk = _TOPK_CHUNK_INTERPRET if interpreting() else _TOPK_CHUNK
+    """Compile-time sizes of ``topk_kernel``: the kept keys (2**LOG_K >= k), the merge chunk, rows per program."""
+    max_chunk = _TOPK_CHUNK_INTERPRET if INTERPRETED else _TOPK_CHUNK
     k_pad = max(2, _next_pow2(k))
     chunk = max(k_pad, min(_next_pow2(n_cols), max_chunk))
-    rows = max(1, min(16, max_chunk // chunk))
-    return {"K_PAD": k_pad, "CHUNK": chunk, "ROWS": rows}
+    # Rows per program: up to one chunk's worth of keys on a GPU; many in the interpreter (per-program cost).
+    rows = 16 if INTERPRETED else max(1, min(16, max_chunk // chunk))
+    return {"LOG_K": k_pad.bit_length() - 1, "LOG_CHUNK": chunk.bit_length() - 1, "ROWS": rows}
 
 
 @library_op("topk_rows", fake=lambda dy, k: (dy.new_empty(dy.shape[0], k), dy.new_empty(dy.shape[0], k, dtype=torch.long)))
@@ -43,7 +45,7 @@ def topk_rows(dy: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return vals, idx
     plan = _topk_plan(n_cols, k)
     grid = (triton.cdiv(n_rows, plan["ROWS"]),)
-    launch(kernels("topk_kernels").topk_kernel)[grid](
+    launch(topk_kernels.topk_kernel)[grid](
         dy, vals, idx, n_rows, n_cols, 1, 0, k, WRITE_VALS=True, **plan
     )
     return vals, idx
@@ -58,23 +60,22 @@ def topk_unified(dy: torch.Tensor, k: int) -> torch.Tensor:
     """
     dy = dy.contiguous()
     n_rows, n_cols = dy.shape
-    base = _UNIFIED_ROWS_PER_PART_INTERPRET if interpreting() else _UNIFIED_ROWS_PER_PART
+    base = _UNIFIED_ROWS_PER_PART_INTERPRET if INTERPRETED else _UNIFIED_ROWS_PER_PART
     rows_per_part = max(base, triton.cdiv(n_rows, _UNIFIED_MAX_PARTS))
     n_parts = max(1, triton.cdiv(n_rows, rows_per_part))
     partial = dy.new_empty((n_parts, n_cols), dtype=torch.float32)
-    module = kernels("topk_kernels")
-    launch(module.column_abs_sum_kernel)[lambda meta: (triton.cdiv(n_cols, meta["BLOCK_C"]), n_parts)](
+    launch(topk_kernels.column_abs_sum_kernel)[lambda meta: (triton.cdiv(n_cols, meta["BLOCK_C"]), n_parts)](
         dy, partial, n_rows, n_cols, n_cols, rows_per_part
     )
     idx = dy.new_empty((k,), dtype=torch.long)
     plan = {**_topk_plan(n_cols, k), "ROWS": 1}
-    launch(module.topk_kernel)[(1,)](partial, partial, idx, 1, n_cols, n_parts, n_cols, k, WRITE_VALS=False, **plan)
+    launch(topk_kernels.topk_kernel)[(1,)](partial, partial, idx, 1, n_cols, n_parts, n_cols, k, WRITE_VALS=False, **plan)
     return idx
 
 
 def _dot_upcast(t: torch.Tensor) -> bool:
     """Whether the GEMM kernels must give tl.dot float32 tiles (bfloat16 in the interpreter)."""
-    return t.dtype == torch.bfloat16 and interpreting()
+    return t.dtype == torch.bfloat16 and INTERPRETED
 
 
 def _gemm_grid(m: int, n: int):
@@ -91,7 +92,7 @@ def linear_input_grad_unified(dy: torch.Tensor, weight: torch.Tensor, idx: torch
     dx = dy.new_empty((n_rows, n_in))
     if dx.numel() == 0:
         return dx
-    launch(kernels("unified_kernels").input_grad_kernel)[_gemm_grid(n_rows, n_in)](
+    launch(unified_kernels.input_grad_kernel)[_gemm_grid(n_rows, n_in)](
         dy, weight, idx, dx, n_rows, n_in, idx.shape[0], *dy.stride(), *weight.stride(), DOT_UPCAST=_dot_upcast(dy)
     )
     return dx
@@ -107,7 +108,7 @@ def linear_weight_grad_unified(dy: torch.Tensor, x: torch.Tensor, idx: torch.Ten
     rows = dy.new_empty((k, n_in))
     if rows.numel() == 0:
         return rows
-    launch(kernels("unified_kernels").weight_grad_kernel)[_gemm_grid(k, n_in)](
+    launch(unified_kernels.weight_grad_kernel)[_gemm_grid(k, n_in)](
         dy, x, idx, rows, dy.shape[0], n_in, k, *dy.stride(), *x.stride(), DOT_UPCAST=_dot_upcast(dy)
     )
     return rows
@@ -125,7 +126,7 @@ def linear_input_grad_rows(vals: torch.Tensor, idx: torch.Tensor, weight: torch.
     dx = vals.new_empty((n_rows, n_in))
     if dx.numel() == 0:
         return dx
-    launch(kernels("rows_kernels").input_grad_kernel)[lambda meta: (n_rows, triton.cdiv(n_in, meta["BLOCK_I"]))](
+    launch(rows_kernels.input_grad_kernel)[lambda meta: (n_rows, triton.cdiv(n_in, meta["BLOCK_I"]))](
         vals, idx, weight, dx, n_in, k, weight.stride(0)
     )
     return dx
@@ -154,7 +155,7 @@ def linear_weight_grad_rows(
     targets, order = torch.sort(idx.reshape(-1), stable=True)
     starts = torch.searchsorted(targets, row_ids)
     ends = torch.searchsorted(targets, row_ids, right=True)
-    launch(kernels("rows_kernels").weight_grad_kernel)[
+    launch(rows_kernels.weight_grad_kernel)[
         lambda meta: (row_ids.shape[0], triton.cdiv(n_in, meta["BLOCK_I"]))
     ](vals, order, starts, ends, x, dw, n_in, k, x.stride(0))
     return dw
@@ -170,7 +171,7 @@ def scatter_rows(rows: torch.Tensor, idx: torch.Tensor, out_features: int) -> to
         return out
     pos = torch.full((out_features,), -1, dtype=torch.long, device=rows.device)
     pos[idx] = torch.arange(idx.shape[0], device=rows.device)
-    launch(kernels("rows_kernels").scatter_rows_kernel)[
+    launch(rows_kernels.scatter_rows_kernel)[
         lambda meta: (triton.cdiv(out_features, meta["BLOCK_R"]), triton.cdiv(n_in, meta["BLOCK_I"]))
     ](rows, pos, out, out_features, n_in)
     return out

@@ -8,7 +8,7 @@ selected (example, position) pairs by output row (a segment per row), computed b
 import triton
 import triton.language as tl
 
-from meprop_triton._runtime import autotune
+from ._runtime import autotune
 
 
 @autotune(
@@ -17,7 +17,7 @@ from meprop_triton._runtime import autotune
         for i, j, w in ((128, 32, 4), (256, 32, 4), (256, 16, 4), (512, 16, 8), (128, 64, 4), (1024, 8, 8))
     ],
     key=["n_in", "k"],
-    interpret_config=triton.Config({"BLOCK_I": 32, "BLOCK_J": 8}, num_warps=1),
+    interpret_config=triton.Config({"BLOCK_I": 64, "BLOCK_J": 32}, num_warps=1),
 )
 @triton.jit
 def input_grad_kernel(
@@ -53,7 +53,7 @@ def input_grad_kernel(
         for i, e, w in ((128, 16, 4), (256, 16, 4), (512, 8, 4), (256, 32, 8), (1024, 8, 8))
     ],
     key=["n_in", "k"],
-    interpret_config=triton.Config({"BLOCK_I": 32, "BLOCK_E": 4}, num_warps=1),
+    interpret_config=triton.Config({"BLOCK_I": 64, "BLOCK_E": 32}, num_warps=1),
 )
 @triton.jit
 def weight_grad_kernel(

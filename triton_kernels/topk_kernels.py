@@ -9,12 +9,67 @@ are then exactly the reference's selection order (larger first, ties by lower in
 import triton
 import triton.language as tl
 
-from meprop_triton._runtime import autotune
+from ._runtime import autotune
+
+
+@triton.jit
+def _unpair(y):
+    """``(y[:, 0, :], y[:, 1, :])`` of ``y (P, 2, D)``, read by sums over the size-2 axis (exact for int64 keys;
+    in-register reductions on a GPU, as in tl.sort)."""
+    side = tl.arange(0, 2)[None, :, None]
+    return tl.sum(tl.where(side == 0, y, 0), axis=1), tl.sum(tl.where(side == 1, y, 0), axis=1)
+
+
+@triton.jit
+def _compare_exchange(x, ROWS: tl.constexpr, L: tl.constexpr, DIST: tl.constexpr, DIR_BIT: tl.constexpr,
+                      REVERSE: tl.constexpr):
+    """One bitonic step on ``x (ROWS, L)``: columns ``c`` and ``c + DIST`` (for ``c & DIST == 0``) are put in
+    ascending order where bit ``DIR_BIT`` of ``c`` is 0 and in descending order where it is 1 (the other way
+    round with ``REVERSE``)."""
+    PAIRS: tl.constexpr = ROWS * L // (2 * DIST)
+    first, second = _unpair(tl.reshape(x, [PAIRS, 2, DIST]))
+    col = (tl.arange(0, PAIRS)[:, None] * (2 * DIST) + tl.arange(0, DIST)[None, :]) % L
+    descending = (((col >> DIR_BIT) & 1) == 1) != REVERSE
+    low = tl.minimum(first, second)
+    high = tl.maximum(first, second)
+    first = tl.where(descending, high, low)
+    second = tl.where(descending, low, high)
+    side = tl.arange(0, 2)[None, :, None]
+    return tl.reshape(tl.where(side == 0, first[:, None, :], second[:, None, :]), [ROWS, L])
+
+
+@triton.jit
+def _merge_runs(x, ROWS: tl.constexpr, L: tl.constexpr, LOG_RUN: tl.constexpr, DIR_BIT: tl.constexpr,
+                REVERSE: tl.constexpr):
+    """Sort every bitonic run of ``2**LOG_RUN`` columns of ``x (ROWS, L)`` (directions as in _compare_exchange)."""
+    for t in tl.static_range(LOG_RUN):
+        x = _compare_exchange(x, ROWS, L, 1 << (LOG_RUN - 1 - t), DIR_BIT, REVERSE)
+    return x
+
+
+@triton.jit
+def _top_descending(keys, ROWS: tl.constexpr, LOG_CHUNK: tl.constexpr, LOG_K: tl.constexpr):
+    """The ``2**LOG_K`` largest keys of each row of ``keys (ROWS, 2**LOG_CHUNK)``, in descending order.
+
+    Bitonic top-k: sort runs of K columns in alternating directions, then repeatedly take the elementwise max
+    of neighbouring runs (one descending, one ascending: the max holds the top K of both and is bitonic) and
+    merge it, halving the columns until one run is left.
+    """
+    K: tl.constexpr = 1 << LOG_K
+    for s in tl.static_range(1, LOG_K + 1):  # runs of 2**s in alternating directions
+        keys = _merge_runs(keys, ROWS, 1 << LOG_CHUNK, s, s, True)
+    for level in tl.static_range(LOG_CHUNK - LOG_K):
+        WIDTH: tl.constexpr = 1 << (LOG_CHUNK - level - 1)
+        first, second = _unpair(tl.reshape(keys, [ROWS * WIDTH // K, 2, K]))
+        keys = tl.maximum(first, second)
+        # Bit LOG_K of a column alternates the runs' directions; once one run is left it is 0: descending.
+        keys = _merge_runs(tl.reshape(keys, [ROWS, WIDTH]), ROWS, WIDTH, LOG_K, LOG_K, True)
+    return keys
 
 
 @autotune(
     configs=[triton.Config({}, num_warps=w) for w in (2, 4, 8)],
-    key=["n_cols", "n_parts", "K_PAD", "CHUNK", "ROWS"],
+    key=["n_cols", "n_parts", "LOG_K", "LOG_CHUNK", "ROWS"],
     interpret_config=triton.Config({}, num_warps=1),
 )
 @triton.jit
@@ -27,24 +82,25 @@ def topk_kernel(
     n_parts,
     stride_part,
     k,
-    K_PAD: tl.constexpr,
-    CHUNK: tl.constexpr,
+    LOG_K: tl.constexpr,
+    LOG_CHUNK: tl.constexpr,
     ROWS: tl.constexpr,
     WRITE_VALS: tl.constexpr,
 ):
     """Per row r of ``score[r, c] = sum_p |src[p, r, c]|`` (src contiguous, rows of ``n_cols``): the ``k``
     columns of largest score in selection order, stored to ``idx (n_rows, k)``; with ``WRITE_VALS`` also
-    ``vals[r, j] = src[0, r, idx[r, j]]``.
+    ``vals[r, j] = src[0, r, idx[r, j]]``. ``k <= 2**LOG_K <= 2**LOG_CHUNK``.
 
-    Each program keeps the best ``K_PAD`` keys of ``ROWS`` rows (sorted descending) and merges every
-    ``CHUNK``-column block into them: the block's top ``K_PAD`` (bitonic top-k) against the kept keys
-    reversed, by elementwise max (which holds the top ``K_PAD`` of both as a bitonic sequence), then one
-    bitonic merge.
+    Each program keeps the best ``K = 2**LOG_K`` keys of ``ROWS`` rows in ascending order and folds in every
+    block of ``2**LOG_CHUNK`` columns: the block's top K (descending) against the kept keys by elementwise
+    max (bitonic, holding the top K of both), then one bitonic merge.
     """
+    K: tl.constexpr = 1 << LOG_K
+    CHUNK: tl.constexpr = 1 << LOG_CHUNK
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
     row_start = rows.to(tl.int64) * n_cols
-    best = tl.full([ROWS, K_PAD], -1, tl.int64)
+    best = tl.full([ROWS, K], -1, tl.int64)
     for start in range(0, n_cols, CHUNK):
         cols = start + tl.arange(0, CHUNK)
         mask = row_ok[:, None] & (cols < n_cols)[None, :]
@@ -56,12 +112,12 @@ def topk_kernel(
         bits = tl.where(score != score, 0x7FC00000, score.to(tl.int32, bitcast=True))
         keys = (bits.to(tl.int64) << 32) | (2147483647 - cols[None, :]).to(tl.int64)
         keys = tl.where(mask, keys, -1)
-        block_best = tl.topk(keys, K_PAD)
-        best = tl.bitonic_merge(tl.maximum(best, tl.flip(block_best, 1)), descending=True)
+        block_best = _top_descending(keys, ROWS, LOG_CHUNK, LOG_K)
+        best = _merge_runs(tl.maximum(best, block_best), ROWS, K, LOG_K, LOG_K, False)
     cols = 2147483647 - (best & 2147483647)
-    j = tl.arange(0, K_PAD)
-    out_mask = row_ok[:, None] & (j < k)[None, :]
-    out_offsets = rows.to(tl.int64)[:, None] * k + j[None, :]
+    rank = K - 1 - tl.arange(0, K)  # best is ascending: column i holds the rank K-1-i selection
+    out_mask = row_ok[:, None] & (rank < k)[None, :]
+    out_offsets = rows.to(tl.int64)[:, None] * k + rank[None, :]
     tl.store(idx_ptr + out_offsets, cols, mask=out_mask)
     if WRITE_VALS:
         vals = tl.load(src_ptr + row_start[:, None] + cols, mask=out_mask)

@@ -126,9 +126,9 @@ def linear_input_grad_rows(vals: torch.Tensor, idx: torch.Tensor, weight: torch.
     dx = vals.new_empty((n_rows, n_in))
     if dx.numel() == 0:
         return dx
-    launch(rows_kernels.input_grad_kernel)[lambda meta: (n_rows, triton.cdiv(n_in, meta["BLOCK_I"]))](
-        vals, idx, weight, dx, n_in, k, weight.stride(0)
-    )
+    launch(rows_kernels.input_grad_kernel)[
+        lambda meta: (triton.cdiv(n_rows, meta["ROWS"]), triton.cdiv(n_in, meta["BLOCK_I"]))
+    ](vals, idx, weight, dx, n_rows, n_in, k, weight.stride(0))
     return dx
 
 
@@ -155,9 +155,10 @@ def linear_weight_grad_rows(
     targets, order = torch.sort(idx.reshape(-1), stable=True)
     starts = torch.searchsorted(targets, row_ids)
     ends = torch.searchsorted(targets, row_ids, right=True)
+    n_out = row_ids.shape[0]
     launch(rows_kernels.weight_grad_kernel)[
-        lambda meta: (row_ids.shape[0], triton.cdiv(n_in, meta["BLOCK_I"]))
-    ](vals, order, starts, ends, x, dw, n_in, k, x.stride(0))
+        lambda meta: (triton.cdiv(n_out, meta["ROWS"]), triton.cdiv(n_in, meta["BLOCK_I"]))
+    ](vals, order, starts, ends, x, dw, n_out, n_in, k, x.stride(0))
     return dw
 
 

@@ -13,11 +13,11 @@ from ._runtime import autotune
 
 @autotune(
     configs=[
-        triton.Config({"BLOCK_I": i, "BLOCK_J": j}, num_warps=w)
-        for i, j, w in ((128, 32, 4), (256, 32, 4), (256, 16, 4), (512, 16, 8), (128, 64, 4), (1024, 8, 8))
+        triton.Config({"ROWS": r, "BLOCK_I": i, "BLOCK_J": j}, num_warps=w)
+        for r, i, j, w in ((1, 128, 32, 4), (1, 256, 32, 4), (1, 256, 16, 4), (1, 512, 16, 8), (2, 256, 16, 4), (4, 128, 16, 4))
     ],
-    key=["n_in", "k"],
-    interpret_config=triton.Config({"BLOCK_I": 64, "BLOCK_J": 32}, num_warps=1),
+    key=["n_rows", "n_in", "k"],
+    interpret_config=triton.Config({"ROWS": 16, "BLOCK_I": 64, "BLOCK_J": 32}, num_warps=1),
 )
 @triton.jit
 def input_grad_kernel(
@@ -25,35 +25,44 @@ def input_grad_kernel(
     idx_ptr,
     w_ptr,
     dx_ptr,
+    n_rows,
     n_in,
     k,
     stride_w_row,
+    ROWS: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
     """``dx[n, :] = sum_j vals[n, j] * W[idx[n, j], :]`` (vals, idx ``(N, k)``, W rows and dx contiguous);
-    grid ``(N, column blocks)``: W's selected rows are gathered tile by tile."""
-    n = tl.program_id(0).to(tl.int64)
+    grid ``(example blocks, column blocks)``: W's selected rows are gathered tile by tile."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
     cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     col_ok = cols < n_in
-    acc = tl.zeros([BLOCK_I], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_I], tl.float32)
     for j0 in range(0, k, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
-        j_ok = j < k
-        sel = tl.load(idx_ptr + n * k + j, mask=j_ok, other=0)
-        v = tl.load(vals_ptr + n * k + j, mask=j_ok, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + sel[:, None] * stride_w_row + cols[None, :], mask=j_ok[:, None] & col_ok[None, :], other=0.0)
-        acc += tl.sum(v[:, None] * w.to(tl.float32), axis=0)
-    tl.store(dx_ptr + n * n_in + cols, acc.to(dx_ptr.dtype.element_ty), mask=col_ok)
+        pick = row_ok[:, None] & (j < k)[None, :]
+        offsets = rows.to(tl.int64)[:, None] * k + j[None, :]
+        sel = tl.load(idx_ptr + offsets, mask=pick, other=0)
+        v = tl.load(vals_ptr + offsets, mask=pick, other=0.0).to(tl.float32)
+        w = tl.load(
+            w_ptr + sel[:, :, None] * stride_w_row + cols[None, None, :],
+            mask=pick[:, :, None] & col_ok[None, None, :],
+            other=0.0,
+        )
+        acc += tl.sum(v[:, :, None] * w.to(tl.float32), axis=1)
+    out = dx_ptr + rows.to(tl.int64)[:, None] * n_in + cols[None, :]
+    tl.store(out, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @autotune(
     configs=[
-        triton.Config({"BLOCK_I": i, "BLOCK_E": e}, num_warps=w)
-        for i, e, w in ((128, 16, 4), (256, 16, 4), (512, 8, 4), (256, 32, 8), (1024, 8, 8))
+        triton.Config({"ROWS": r, "BLOCK_I": i, "BLOCK_E": e}, num_warps=w)
+        for r, i, e, w in ((1, 128, 16, 4), (1, 256, 16, 4), (1, 512, 8, 4), (1, 256, 32, 8), (1, 1024, 8, 8), (4, 128, 8, 4))
     ],
-    key=["n_in", "k"],
-    interpret_config=triton.Config({"BLOCK_I": 64, "BLOCK_E": 32}, num_warps=1),
+    key=["n_out", "n_in", "k"],
+    interpret_config=triton.Config({"ROWS": 16, "BLOCK_I": 64, "BLOCK_E": 32}, num_warps=1),
 )
 @triton.jit
 def weight_grad_kernel(
@@ -63,31 +72,37 @@ def weight_grad_kernel(
     ends_ptr,
     x_ptr,
     dw_ptr,
+    n_out,
     n_in,
     k,
     stride_x_row,
+    ROWS: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
     """``dw[r, :] = sum_e vals.flat[order[e]] * x[order[e] // k, :]`` over ``e in [starts[r], ends[r])``
-    (x rows and dw contiguous); grid ``(output rows, column blocks)``."""
-    r = tl.program_id(0)
+    (x rows and dw contiguous); grid ``(output-row blocks, column blocks)``."""
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    r_ok = r < n_out
     cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     col_ok = cols < n_in
-    first = tl.load(starts_ptr + r)
-    stop = tl.load(ends_ptr + r)
-    acc = tl.zeros([BLOCK_I], tl.float32)
-    for e0 in range(first, stop, BLOCK_E):
-        e = e0 + tl.arange(0, BLOCK_E)
-        e_ok = e < stop
+    first = tl.load(starts_ptr + r, mask=r_ok, other=0)
+    stop = tl.load(ends_ptr + r, mask=r_ok, other=0)
+    acc = tl.zeros([ROWS, BLOCK_I], tl.float32)
+    for e0 in range(0, tl.max(stop - first), BLOCK_E):
+        e = first[:, None] + e0 + tl.arange(0, BLOCK_E)[None, :]
+        e_ok = e < stop[:, None]
         entry = tl.load(order_ptr + e, mask=e_ok, other=0)
         v = tl.load(vals_ptr + entry, mask=e_ok, other=0.0).to(tl.float32)
         example = entry // k
         xs = tl.load(
-            x_ptr + example[:, None] * stride_x_row + cols[None, :], mask=e_ok[:, None] & col_ok[None, :], other=0.0
+            x_ptr + example[:, :, None] * stride_x_row + cols[None, None, :],
+            mask=e_ok[:, :, None] & col_ok[None, None, :],
+            other=0.0,
         )
-        acc += tl.sum(v[:, None] * xs.to(tl.float32), axis=0)
-    tl.store(dw_ptr + r.to(tl.int64) * n_in + cols, acc.to(dw_ptr.dtype.element_ty), mask=col_ok)
+        acc += tl.sum(v[:, :, None] * xs.to(tl.float32), axis=1)
+    out = dw_ptr + r.to(tl.int64)[:, None] * n_in + cols[None, :]
+    tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=r_ok[:, None] & col_ok[None, :])
 
 
 @autotune(

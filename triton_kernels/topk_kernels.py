@@ -13,37 +13,26 @@ from ._runtime import autotune
 
 
 @triton.jit
-def _unpair(y):
-    """``(y[:, 0, :], y[:, 1, :])`` of ``y (P, 2, D)``, read by sums over the size-2 axis (exact for int64 keys;
-    in-register reductions on a GPU, as in tl.sort)."""
-    side = tl.arange(0, 2)[None, :, None]
-    return tl.sum(tl.where(side == 0, y, 0), axis=1), tl.sum(tl.where(side == 1, y, 0), axis=1)
-
-
-@triton.jit
-def _compare_exchange(x, ROWS: tl.constexpr, L: tl.constexpr, DIST: tl.constexpr, DIR_BIT: tl.constexpr,
-                      REVERSE: tl.constexpr):
-    """One bitonic step on ``x (ROWS, L)``: columns ``c`` and ``c + DIST`` (for ``c & DIST == 0``) are put in
-    ascending order where bit ``DIR_BIT`` of ``c`` is 0 and in descending order where it is 1 (the other way
-    round with ``REVERSE``)."""
-    PAIRS: tl.constexpr = ROWS * L // (2 * DIST)
-    first, second = _unpair(tl.reshape(x, [PAIRS, 2, DIST]))
-    col = (tl.arange(0, PAIRS)[:, None] * (2 * DIST) + tl.arange(0, DIST)[None, :]) % L
-    descending = (((col >> DIR_BIT) & 1) == 1) != REVERSE
-    low = tl.minimum(first, second)
-    high = tl.maximum(first, second)
-    first = tl.where(descending, high, low)
-    second = tl.where(descending, low, high)
-    side = tl.arange(0, 2)[None, :, None]
-    return tl.reshape(tl.where(side == 0, first[:, None, :], second[:, None, :]), [ROWS, L])
-
-
-@triton.jit
 def _merge_runs(x, ROWS: tl.constexpr, L: tl.constexpr, LOG_RUN: tl.constexpr, DIR_BIT: tl.constexpr,
                 REVERSE: tl.constexpr):
-    """Sort every bitonic run of ``2**LOG_RUN`` columns of ``x (ROWS, L)`` (directions as in _compare_exchange)."""
+    """Sort every bitonic run of ``2**LOG_RUN`` columns of ``x (ROWS, L)``: ascending where bit ``DIR_BIT`` of the
+    column index is 0, descending where it is 1 (the other way round with ``REVERSE``).
+
+    Each step orders the pairs of columns ``c``, ``c + DIST`` (``c & DIST == 0``) through a ``(pairs, 2, DIST)``
+    view: min and max over its size-2 axis (in-register reductions on a GPU).
+    """
+    side = tl.arange(0, 2)[None, :, None]
     for t in tl.static_range(LOG_RUN):
-        x = _compare_exchange(x, ROWS, L, 1 << (LOG_RUN - 1 - t), DIR_BIT, REVERSE)
+        DIST: tl.constexpr = 1 << (LOG_RUN - 1 - t)
+        PAIRS: tl.constexpr = ROWS * L // (2 * DIST)
+        pairs = tl.reshape(x, [PAIRS, 2, DIST])
+        low = tl.min(pairs, axis=1)
+        high = tl.max(pairs, axis=1)
+        col = (tl.arange(0, PAIRS)[:, None] * (2 * DIST) + tl.arange(0, DIST)[None, :]) % L
+        descending = (((col >> DIR_BIT) & 1) == 1) != REVERSE
+        first = tl.where(descending, high, low)
+        second = tl.where(descending, low, high)
+        x = tl.reshape(tl.where(side == 0, first[:, None, :], second[:, None, :]), [ROWS, L])
     return x
 
 
@@ -60,8 +49,7 @@ def _top_descending(keys, ROWS: tl.constexpr, LOG_CHUNK: tl.constexpr, LOG_K: tl
         keys = _merge_runs(keys, ROWS, 1 << LOG_CHUNK, s, s, True)
     for level in tl.static_range(LOG_CHUNK - LOG_K):
         WIDTH: tl.constexpr = 1 << (LOG_CHUNK - level - 1)
-        first, second = _unpair(tl.reshape(keys, [ROWS * WIDTH // K, 2, K]))
-        keys = tl.maximum(first, second)
+        keys = tl.max(tl.reshape(keys, [ROWS * WIDTH // K, 2, K]), axis=1)
         # Bit LOG_K of a column alternates the runs' directions; once one run is left it is 0: descending.
         keys = _merge_runs(tl.reshape(keys, [ROWS, WIDTH]), ROWS, WIDTH, LOG_K, LOG_K, True)
     return keys

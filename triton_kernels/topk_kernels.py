@@ -22,13 +22,12 @@ def _merge_runs(x, ROWS: tl.constexpr, L: tl.constexpr, LOG_RUN: tl.constexpr, D
     view: min and max over its size-2 axis (in-register reductions on a GPU).
     """
     side = tl.arange(0, 2)[None, :, None]
-    for t in tl.static_range(LOG_RUN):
-        DIST: tl.constexpr = 1 << (LOG_RUN - 1 - t)
-        PAIRS: tl.constexpr = ROWS * L // (2 * DIST)
-        pairs = tl.reshape(x, [PAIRS, 2, DIST])
+    for t in tl.static_range(LOG_RUN):  # DIST = 2**(LOG_RUN - 1 - t); (constexprs cannot be rebound in a loop)
+        pairs = tl.reshape(x, [(ROWS * L) >> (LOG_RUN - t), 2, 1 << (LOG_RUN - 1 - t)])
         low = tl.min(pairs, axis=1)
         high = tl.max(pairs, axis=1)
-        col = (tl.arange(0, PAIRS)[:, None] * (2 * DIST) + tl.arange(0, DIST)[None, :]) % L
+        pair_start = tl.arange(0, (ROWS * L) >> (LOG_RUN - t))[:, None] << (LOG_RUN - t)
+        col = (pair_start + tl.arange(0, 1 << (LOG_RUN - 1 - t))[None, :]) % L
         descending = (((col >> DIR_BIT) & 1) == 1) != REVERSE
         first = tl.where(descending, high, low)
         second = tl.where(descending, low, high)
@@ -47,11 +46,11 @@ def _top_descending(keys, ROWS: tl.constexpr, LOG_CHUNK: tl.constexpr, LOG_K: tl
     K: tl.constexpr = 1 << LOG_K
     for s in tl.static_range(1, LOG_K + 1):  # runs of 2**s in alternating directions
         keys = _merge_runs(keys, ROWS, 1 << LOG_CHUNK, s, s, True)
-    for level in tl.static_range(LOG_CHUNK - LOG_K):
-        WIDTH: tl.constexpr = 1 << (LOG_CHUNK - level - 1)
-        keys = tl.max(tl.reshape(keys, [ROWS * WIDTH // K, 2, K]), axis=1)
+    for level in tl.static_range(LOG_CHUNK - LOG_K):  # the columns halve: 2**(LOG_CHUNK - level - 1) left
+        keys = tl.max(tl.reshape(keys, [(ROWS << (LOG_CHUNK - level - 1)) // K, 2, K]), axis=1)
         # Bit LOG_K of a column alternates the runs' directions; once one run is left it is 0: descending.
-        keys = _merge_runs(tl.reshape(keys, [ROWS, WIDTH]), ROWS, WIDTH, LOG_K, LOG_K, True)
+        keys = tl.reshape(keys, [ROWS, 1 << (LOG_CHUNK - level - 1)])
+        keys = _merge_runs(keys, ROWS, 1 << (LOG_CHUNK - level - 1), LOG_K, LOG_K, True)
     return keys
 
 

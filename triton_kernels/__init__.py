@@ -19,6 +19,7 @@ from ._runtime import INTERPRETED
 
 __all__ = [
     "DTYPES",
+    "INTERPRETED",
     "MAX_K",
     "topk_unified",
     "topk_rows",

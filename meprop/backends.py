@@ -51,12 +51,16 @@ def _why_unavailable(name: str, device: torch.device) -> str | None:
             return f"the meprop extension was built without {name.upper()} kernels"
         return None
     if name == "triton":
+        # Device first: CPU-only runs without the interpreter never import triton (whose mode is fixed when it
+        # is imported, so a test suite can still set TRITON_INTERPRET=1 before the first import).
+        if not (device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
+            return f"backend 'triton' takes CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got {device}"
         module, error = _triton_module()
         if module is None:
             return f"the Triton kernels cannot be imported ({error})"
-        if device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-            return None
-        return f"backend 'triton' takes CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got {device}"
+        if device.type == "cpu" and not module.INTERPRETED:
+            return "backend 'triton' got CPU tensors but triton was imported before TRITON_INTERPRET=1 was set"
+        return None
     raise ValueError(f"unknown backend {name!r}: choose one of {BACKENDS} or None (automatic)")
 
 

@@ -30,13 +30,22 @@ def _want_cuda() -> bool:
     return possible and bool(glob.glob("csrc/cuda/*.cu"))
 
 
+def _cxx_standard() -> str:
+    """The C++ standard torch's headers need: C++20 from torch 2.14 on, C++17 before."""
+    import torch
+
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    return "-std=c++20" if (major, minor) >= (2, 14) else "-std=c++17"
+
+
 def _extension():
     march = os.environ.get("MEPROP_MARCH", "native")
-    cxx = ["-O3", "-std=c++17"] + ([f"-march={march}"] if march else [])
+    std = _cxx_standard()
+    cxx = ["-O3", std] + ([f"-march={march}"] if march else [])
     sources = ["csrc/meprop.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     if _want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+        nvcc = ["-O3", std, "--expt-relaxed-constexpr"]
         return CUDAExtension("meprop._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc})
     return CppExtension("meprop._C", sources, extra_compile_args={"cxx": cxx})
 

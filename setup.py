@@ -2,6 +2,8 @@
 are present. Environment switches:
 
 - ``MEPROP_CUDA``: ``1`` forces the CUDA build (and fails if it cannot), ``0`` skips it; unset = automatic.
+- ``MEPROP_CPU_KERNELS``: ``0`` leaves out the CPU kernels (csrc/cpu); only the CUDA compile check
+  (.ci/cuda_check.sh) uses it, to spend its time on csrc/cuda.
 - ``MEPROP_MARCH``: the ``-march`` of the CPU kernels (default ``native``: the extension is built on the
   machine that runs it); ``MEPROP_MARCH=`` (empty) leaves the compiler's default.
 """
@@ -42,7 +44,9 @@ def _extension():
     march = os.environ.get("MEPROP_MARCH", "native")
     std = _cxx_standard()
     cxx = ["-O3", std] + ([f"-march={march}"] if march else [])
-    sources = ["csrc/meprop.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/meprop.cpp"]
+    if os.environ.get("MEPROP_CPU_KERNELS", "").strip() != "0":
+        sources += sorted(glob.glob("csrc/cpu/*.cpp"))
     if _want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc = ["-O3", std, "--expt-relaxed-constexpr"]

@@ -4,11 +4,13 @@
 // kernels do: a host-side check would cost a device synchronisation on every call.
 #pragma once
 
-#include <ATen/ATen.h>
+// Only the headers in use (not ATen/ATen.h): they dominate the compile time of these small files.
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/macros/Macros.h>
 
 #include <algorithm>

@@ -70,7 +70,7 @@ at::Tensor linear_input_grad_rows_cuda(const at::Tensor& vals_in, const at::Tens
   if (dx.numel() == 0) return dx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, vals.scalar_type(), "linear_input_grad_rows_cuda", [&] {
     input_grad_rows_kernel<scalar_t><<<grid_for(n_rows * ceil_div(n_in, kStrip)), kThreads, 0,
-                                       at::cuda::getCurrentCUDAStream()>>>(
+                                       c10::cuda::getCurrentCUDAStream()>>>(
         vals.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(), weight.const_data_ptr<scalar_t>(), n_rows, k,
         n_out, n_in, dx.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

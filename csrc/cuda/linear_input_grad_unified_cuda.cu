@@ -1,6 +1,7 @@
 // Unified compacted input gradient on CUDA: dx (N, in) = dy[:, idx] @ W[idx, :]. The compacted blocks
 // dy[:, idx] (N x k) and W[idx, :] (k x in) are gathered (index_select checks the index values on the
 // device) and multiplied by cuBLAS, which accumulates float16/bfloat16 products in float32.
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include "common.cuh"

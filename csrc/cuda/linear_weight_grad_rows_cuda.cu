@@ -2,6 +2,7 @@
 // vals[n, i] * x[n]. The N*k pairs are sorted by output row (a stable sort, so each row's pairs keep
 // their order); a block then owns one output row and a strip of columns, finds the row's segment by
 // binary search and sums its pairs in order: no atomics, deterministic results, every element written.
+#include <ATen/ops/sort.h>
 #include <torch/library.h>
 
 #include "common.cuh"
@@ -107,7 +108,7 @@ at::Tensor linear_weight_grad_rows_cuda(const at::Tensor& vals_in, const at::Ten
   const at::Tensor& order = std::get<1>(sorted);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, vals.scalar_type(), "linear_weight_grad_rows_cuda", [&] {
     weight_grad_rows_kernel<scalar_t><<<grid_for(n_targets * ceil_div(n_in, kStrip)), kThreads, 0,
-                                        at::cuda::getCurrentCUDAStream()>>>(
+                                        c10::cuda::getCurrentCUDAStream()>>>(
         vals.const_data_ptr<scalar_t>(), sorted_rows.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(),
         n_pairs, k, rows.defined() ? rows.const_data_ptr<int64_t>() : nullptr, n_targets, out_features,
         x.const_data_ptr<scalar_t>(), n_in, grad.mutable_data_ptr<scalar_t>());

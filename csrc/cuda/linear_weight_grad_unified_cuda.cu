@@ -1,6 +1,7 @@
 // Unified compacted weight gradient on CUDA: dW_rows (k, in) = dy[:, idx]^T @ x. The compacted block
 // dy[:, idx] (N x k) is gathered (index_select checks the index values on the device) and multiplied by
 // cuBLAS, which accumulates float16/bfloat16 products in float32.
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include "common.cuh"

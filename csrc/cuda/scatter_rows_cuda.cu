@@ -81,7 +81,7 @@ at::Tensor scatter_rows_cuda(const at::Tensor& rows_in, const at::Tensor& idx_in
   const int64_t k = rows.size(0);
   at::Tensor dense = at::empty({out_features, rows.size(1)}, rows.options());
   if (dense.numel() == 0 && k == 0) return dense;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor source = at::empty({out_features}, idx.options().dtype(at::kInt));
   if (out_features > 0) C10_CUDA_CHECK(cudaMemsetAsync(source.mutable_data_ptr(), 0xff, source.nbytes(), stream));
   if (k > 0) {

@@ -1,6 +1,7 @@
 // Per-example top-k on CUDA: one block per row (32 to 256 threads by row length) selects the k largest
 // |dy[n, :]| with the block selection of select.cuh. A row that fits in shared memory is read from
 // global memory once; the radix passes then read the shared copy. k > kMaxSelect takes a sort.
+#include <ATen/ops/sort.h>
 #include <torch/library.h>
 
 #include "common.cuh"
@@ -74,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor> topk_rows_cuda(const at::Tensor& dy_in, int64
     const size_t row_bytes = static_cast<size_t>(n_cols) * sizeof(scalar_t);
     const bool cache_row = selection + row_bytes <= kDynamicSmemBudget;
     const size_t smem = selection + (cache_row ? row_bytes : 0);
-    topk_rows_kernel<scalar_t><<<grid_for(n_rows), threads_for(n_cols), smem, at::cuda::getCurrentCUDAStream()>>>(
+    topk_rows_kernel<scalar_t><<<grid_for(n_rows), threads_for(n_cols), smem, c10::cuda::getCurrentCUDAStream()>>>(
         dy.const_data_ptr<scalar_t>(), n_rows, static_cast<int>(n_cols), static_cast<int>(k), cache_row,
         vals.mutable_data_ptr<scalar_t>(), idx.mutable_data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

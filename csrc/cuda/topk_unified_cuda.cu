@@ -2,6 +2,7 @@
 // row chunk), a fixed-order sum of the partials per column, then one block selects the k largest column
 // scores with the block selection of select.cuh. Every sum is in a fixed order: the result does not
 // depend on scheduling. k > kMaxSelect takes a sort of the scores.
+#include <ATen/ops/sort.h>
 #include <torch/library.h>
 
 #include "common.cuh"
@@ -63,7 +64,7 @@ at::Tensor topk_unified_cuda(const at::Tensor& dy_in, int64_t k) {
   TORCH_CHECK(k >= 1 && k <= n_cols, op, ": k must lie in [1, ", n_cols, "], got ", k);
   TORCH_CHECK(n_cols <= std::numeric_limits<int>::max(), op, ": dy must have fewer than 2^31 columns, got ",
               n_cols);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   // At most 65535 row chunks (the grid's y limit), each of at least kMinRowsPerChunk rows.
   const int64_t rows_per_chunk = std::max<int64_t>(kMinRowsPerChunk, ceil_div(n_rows, 65535));
   const int64_t n_chunks = std::max<int64_t>(1, ceil_div(n_rows, rows_per_chunk));

@@ -2,6 +2,8 @@
 are present. Environment switches:
 
 - ``MEPROP_CUDA``: ``1`` forces the CUDA build (and fails if it cannot), ``0`` skips it; unset = automatic.
+- ``MEPROP_CPU_KERNELS``: ``0`` leaves out the CPU kernels (csrc/cpu); only the CUDA compile check
+  (.ci/cuda_check.sh) uses it, to spend its time on csrc/cuda.
 - ``MEPROP_MARCH``: the ``-march`` of the CPU kernels (default ``native``: the extension is built on the
   machine that runs it); ``MEPROP_MARCH=`` (empty) leaves the compiler's default.
 """
@@ -30,13 +32,24 @@ def _want_cuda() -> bool:
     return possible and bool(glob.glob("csrc/cuda/*.cu"))
 
 
+def _cxx_standard() -> str:
+    """The C++ standard torch's headers need: C++20 from torch 2.14 on, C++17 before."""
+    import torch
+
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    return "-std=c++20" if (major, minor) >= (2, 14) else "-std=c++17"
+
+
 def _extension():
     march = os.environ.get("MEPROP_MARCH", "native")
-    cxx = ["-O3", "-std=c++17"] + ([f"-march={march}"] if march else [])
-    sources = ["csrc/meprop.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    std = _cxx_standard()
+    cxx = ["-O3", std] + ([f"-march={march}"] if march else [])
+    sources = ["csrc/meprop.cpp"]
+    if os.environ.get("MEPROP_CPU_KERNELS", "").strip() != "0":
+        sources += sorted(glob.glob("csrc/cpu/*.cpp"))
     if _want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+        nvcc = ["-O3", std, "--expt-relaxed-constexpr"]
         return CUDAExtension("meprop._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc})
     return CppExtension("meprop._C", sources, extra_compile_args={"cxx": cxx})
 

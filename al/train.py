@@ -129,9 +129,11 @@ def load_text(args):
                 splits[split] = read_tsv(folder / f"{split}.tsv")
         names = read_labels(folder / "labels.txt") if (folder / "labels.txt").exists() else None
     else:
-        hf_splits = HF_DATASETS.get(args.dataset, (None,) * 5)[4] or {}
+        if args.dataset not in HF_DATASETS:
+            raise ValueError(f"--dataset {args.dataset!r}: no local folder {data_dir() / 'text' / args.dataset} "
+                             f"and not one of the Hugging Face datasets {sorted(HF_DATASETS)}")
         for split in ("train", "validation", "test"):
-            if split in hf_splits:
+            if split in HF_DATASETS[args.dataset][4]:
                 labels, texts, names = load_hf_dataset(args.dataset, split)
                 splits[split] = (labels, texts)
     if names is None:

@@ -82,8 +82,20 @@ def test_mnist_mlp_run_learns(tmp_path):
     need_data("mnist")
     summary = main(["--model", "mlp", "--method", "al", "--dataset", "mnist", "--train-limit", "4000",
                     "--epochs", "2", "--hidden", "64", "--label-dim", "32", "--batch-size", "32", "--lr", "3e-3",
-                    "--no-progress"])
+                    "--no-progress", "--threads", "1"])
     assert summary["test_accuracy"] > 0.8 and summary["test_examples"] == 10000
+
+
+def test_meprop_k_through_the_cli(sentiment):
+    train, test = sentiment
+    summary = main(["--model", "transformer", "--method", "al", "--train-file", str(train), "--test-file", str(test),
+                    "--epochs", "1", "--k", "4", *SMALL])
+    assert summary["args"]["k"] == 4 and 0.0 <= summary["test_accuracy"] <= 1.0
+
+
+def test_unknown_dataset_is_a_clear_error():
+    with pytest.raises(ValueError, match="no local folder"):
+        main(["--model", "lstm", "--method", "al", "--dataset", "no_such_set", "--no-progress"])
 
 
 def test_cli_argument_errors(capsys):

@@ -73,7 +73,7 @@ def argv_for(dataset, model, method):
 def merge(name, record):
     """Adds ``record`` under ``runs[name]`` of the results file (locked against concurrent runs, atomic)."""
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS.with_suffix(".lock"), "w") as lock:
+    with open(RESULTS.parent / ".al.lock.tmp", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": {}}
         data["scaled_down"] = SCALED

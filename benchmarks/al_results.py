@@ -43,7 +43,7 @@ CONFIGS = {
     ("sst2", "transformer"): ["--epochs", "2", "--train-limit", "12000", *TEXT_COMMON],
 }
 SCALED = {
-    "mnist/mlp": "3 epochs (paper-scale runs train for many more); 3 components of 256 units",
+    "mnist/mlp": "3 epochs; 3 components of 256 units",
     "mnist/cnn": "30,000 of the 60,000 training images, 2 epochs, 3 conv components of 16/32/64 channels",
     "text": "GloVe 50-d limited to the 5,050 most frequent words (the seed uses 300-d GloVe); 2 components "
             "(1 BiLSTM layer of 128 units per direction, or 1 Transformer layer d_model=128 with 4 heads, per "

@@ -56,7 +56,7 @@ def _extension():
 
 setup(
     # triton_kernels/ installs as `meprop_triton`, a name no other project's Triton kernels use.
-    packages=find_packages(include=["meprop", "meprop.*"]) + ["meprop_triton"],
+    packages=find_packages(include=["meprop", "meprop.*", "al", "al.*"]) + ["meprop_triton"],
     package_dir={"meprop_triton": "triton_kernels"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},

@@ -1,0 +1,172 @@
+"""AL data: tokenizer, vocabulary, TSV and Hugging Face loaders, vector alignment, GLUE writer, MNIST IDX."""
+
+import gzip
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from al.data import (
+    TextDataset,
+    Vocab,
+    collate_text,
+    load_hf_dataset,
+    load_mnist,
+    load_vectors,
+    read_idx,
+    read_labels,
+    read_tsv,
+    tokenize,
+    write_glue_sst2,
+)
+from al_helpers import need_data
+
+GLOVE = ("vectors", "glove.6B.50d.top5k_rounded6.txt")
+
+
+def test_tokenize_words_clitics_punctuation():
+    assert tokenize("Don't stop, it's the 21st century's \"Conan\"!") == [
+        "do", "n't", "stop", ",", "it", "'s", "the", "21st", "century", "'s", '"', "conan", '"', "!"]
+    assert tokenize("   ") == []
+
+
+def test_vocab_cap_special_ids_and_order():
+    texts = [["b", "a", "b"], ["c", "a", "b"], ["d"]]
+    vocab = Vocab.build(texts, max_size=4)
+    assert vocab.itos == ["<pad>", "<unk>", "b", "a"]
+    assert vocab.encode(["a", "zzz", "b", "c"]) == [3, 1, 2, 1]
+    assert len(Vocab.build(texts)) == 6
+    assert Vocab.build(texts, min_freq=2).itos[2:] == ["b", "a"]
+    with pytest.raises(ValueError, match="max_size"):
+        Vocab.build(texts, max_size=2)
+    with pytest.raises(ValueError, match="itos"):
+        Vocab(["a", "b"])
+
+
+def test_max_len_counts_tokens_not_characters():
+    vocab = Vocab.build([tokenize("extraordinarily long words , here")])
+    data = TextDataset(["extraordinarily long words , here", ""], [1, 0], vocab, max_len=3)
+    ids, label = data[0]
+    assert ids.tolist() == [vocab.stoi["extraordinarily"], vocab.stoi["long"], vocab.stoi["words"]]
+    assert label == 1
+    assert data[1][0].tolist() == [1]  # an empty text keeps one <unk> token
+
+
+def test_collate_pads_and_masks():
+    ids, mask, labels = collate_text([(torch.tensor([5, 6, 7]), 1), (torch.tensor([8]), 0)])
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert mask.tolist() == [[True, True, True], [True, False, False]]
+    assert labels.tolist() == [1, 0]
+
+
+def test_read_tsv_and_errors(tmp_path):
+    path = tmp_path / "a.tsv"
+    path.write_text("1\tgood film\n0\tbad\tfilm\n\n", encoding="utf-8")
+    assert read_tsv(path) == ([1, 0], ["good film", "bad\tfilm"])
+    path.write_text("x\tno label\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="a.tsv:1"):
+        read_tsv(path)
+
+
+@pytest.mark.parametrize("name,rows,classes", [("rotten_tomatoes", 8530, 2), ("emotion", 16000, 6),
+                                               ("sst2", 67349, 2)])
+def test_shared_tsv_files(name, rows, classes):
+    folder = need_data("text", name)
+    labels, texts = read_tsv(folder / "train.tsv")
+    assert len(labels) == len(texts) == rows
+    assert len(read_labels(folder / "labels.txt")) == classes
+    assert set(labels) == set(range(classes))
+    assert all(texts)
+
+
+def test_vectors_rows_align_with_vocabulary_ids(tmp_path):
+    path = tmp_path / "vec.txt"
+    path.write_text("3 2\nzeta 1 2\nAlpha 3 4\nalpha 5 6\nbeta 7 8\n", encoding="utf-8")  # fastText header
+    vocab = Vocab(["<pad>", "<unk>", "alpha", "missing", "zeta", "beta"])
+    matrix, found = load_vectors(path, vocab, torch.Generator().manual_seed(0))
+    assert matrix.shape == (6, 2) and found == 3
+    assert matrix[2].tolist() == [5, 6]  # exact "alpha" wins over the lower-cased "Alpha"
+    assert matrix[4].tolist() == [1, 2] and matrix[5].tolist() == [7, 8]
+    assert matrix[0].tolist() == [0, 0]
+    assert not any(torch.equal(matrix[3], matrix[i]) for i in (2, 4, 5))
+
+
+def test_shared_glove_alignment():
+    path = need_data(*GLOVE)
+    labels, texts = read_tsv(need_data("text", "rotten_tomatoes", "train.tsv"))
+    vocab = Vocab.build((tokenize(t) for t in texts), max_size=3000)
+    matrix, found = load_vectors(path, vocab)
+    reference = {}
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            word, *values = line.split()
+            reference[word] = [float(v) for v in values]
+    assert matrix.shape == (3000, 50)
+    hits = [w for w in vocab.itos if w in reference]
+    assert found == len(hits) > 1500
+    for word in hits:
+        assert matrix[vocab.stoi[word]].tolist() == pytest.approx(reference[word], abs=1e-6), word
+    # e.g. the seed's bug: row i holding the file's i-th vector instead of vocabulary word i's
+    assert matrix[vocab.stoi["film"]].tolist() == pytest.approx(reference["film"], abs=1e-6)
+
+
+def test_glue_sst2_writer(tmp_path):
+    out = tmp_path / "SST-2.tsv"
+    write_glue_sst2(out, [1, 0, 1])
+    assert out.read_text() == "index\tprediction\n0\t1\n1\t0\n2\t1\n"
+    with pytest.raises(ValueError, match="0 or 1"):
+        write_glue_sst2(out, [2])
+
+
+class FakeTable:
+    def __init__(self, columns, names):
+        self.columns = columns
+        self.features = {"label": types.SimpleNamespace(names=names)}
+
+    def __getitem__(self, key):
+        return self.columns[key]
+
+
+def test_hf_path_maps_names_fields_and_splits(monkeypatch):
+    calls = []
+
+    def load_dataset(path, config, split):
+        calls.append((path, config, split))
+        return FakeTable({"title": ["T1", "T2"], "content": ["body one", "body two"], "sentence": ["s1", "s2"], "text": ["x1", "x2"],
+                          "label": [0, 1]}, ["neg", "pos"])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    labels, texts, names = load_hf_dataset("dbpedia_14", "train")
+    assert (labels, texts, names) == ([0, 1], ["T1 . body one", "T2 . body two"], ["neg", "pos"])
+    load_hf_dataset("sst2", "test")
+    load_hf_dataset("emotion", "validation")
+    assert calls[1:] == [("glue", "sst2", "validation"), ("dair-ai/emotion", None, "validation")]
+    with pytest.raises(ValueError, match="dataset must be"):
+        load_hf_dataset("nope", "train")
+    with pytest.raises(ValueError, match="split"):
+        load_hf_dataset("imdb", "validation")
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ImportError, match="datasets"):
+        load_hf_dataset("imdb", "train")
+
+
+def test_idx_reader_roundtrip_and_errors(tmp_path):
+    array = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    raw = bytes([0, 0, 0x08, 3]) + b"".join(d.to_bytes(4, "big") for d in array.shape) + array.tobytes()
+    (tmp_path / "a.gz").write_bytes(gzip.compress(raw))
+    (tmp_path / "b").write_bytes(raw[:-1])
+    np.testing.assert_array_equal(read_idx(tmp_path / "a.gz"), array)
+    with pytest.raises(ValueError, match="bytes"):
+        read_idx(tmp_path / "b")
+
+
+def test_shared_mnist():
+    root = need_data("mnist")
+    x, y = load_mnist(root, "test")
+    assert x.shape == (10000, 1, 28, 28) and x.dtype == torch.float32
+    assert y.shape == (10000,) and y[:5].tolist() == [7, 2, 1, 0, 4]  # MNIST's first test labels
+    assert torch.bincount(y).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    raw, _ = load_mnist(root, "test", normalize=False)
+    assert float(raw.min()) == 0.0 and float(raw.max()) == 1.0

@@ -1,0 +1,106 @@
+"""The training CLI end to end: it learns, writes results, and resumes from its atomic checkpoints."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from al.train import main
+from al_helpers import need_data
+
+POSITIVE = ["good", "great", "fine", "superb"]
+NEGATIVE = ["bad", "awful", "poor", "dull"]
+FILLER = ["the", "movie", "was", "a", "plot", "and", "actors", "it", "very", "quite"]
+
+
+def write_sentiment(path, n, seed):
+    """A learnable two-class TSV: the class decides which word list the one sentiment word comes from."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as handle:
+        for _ in range(n):
+            label = rng.randrange(2)
+            words = rng.choices(FILLER, k=rng.randrange(3, 12))
+            words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label else NEGATIVE))
+            handle.write(f"{label}\t{' '.join(words)}\n")
+    return path
+
+
+@pytest.fixture
+def sentiment(tmp_path):
+    (tmp_path / "labels.txt").write_text("negative\npositive\n")
+    return write_sentiment(tmp_path / "train.tsv", 600, 0), write_sentiment(tmp_path / "test.tsv", 200, 1)
+
+
+SMALL = ["--components", "2", "--hidden", "16", "--d-model", "16", "--heads", "2", "--feedforward", "32",
+         "--embedding-dim", "16", "--label-dim", "16", "--batch-size", "32", "--lr", "3e-3", "--no-progress",
+         "--threads", "1"]
+
+
+@pytest.mark.parametrize("model,method", [("lstm", "al"), ("transformer", "al"), ("lstm", "bp")])
+def test_tiny_text_run_learns(sentiment, tmp_path, model, method, capsys):
+    train, test = sentiment
+    results = tmp_path / "r.json"
+    extra = ["--exit-threshold", "0.5"] if method == "al" else []
+    main(["--model", model, "--method", method, "--train-file", str(train), "--test-file", str(test),
+          "--epochs", "8", "--results", str(results), *SMALL, *extra])
+    summary = json.loads(results.read_text())
+    assert summary["test_accuracy"] > 0.9
+    assert f"test accuracy: {summary['test_accuracy']:.4f}" in capsys.readouterr().out
+    if method == "al":
+        assert 1.0 <= summary["early_exit"]["average_depth"] <= 2.0
+        assert summary["early_exit"]["accuracy"] > 0.9
+
+
+def test_resume_matches_uninterrupted_run(sentiment, tmp_path):
+    train, test = sentiment
+    common = ["--model", "lstm", "--method", "al", "--train-file", str(train), "--test-file", str(test),
+              "--train-limit", "200", *SMALL]
+    straight = main([*common, "--epochs", "2", "--checkpoint", str(tmp_path / "a.pt")])
+    main([*common, "--epochs", "1", "--checkpoint", str(tmp_path / "b.pt")])
+    resumed = main([*common, "--epochs", "2", "--checkpoint", str(tmp_path / "b.pt"), "--resume"])
+    assert resumed["history"] == straight["history"] and len(resumed["history"]) == 2
+    a, b = torch.load(tmp_path / "a.pt", weights_only=False), torch.load(tmp_path / "b.pt", weights_only=False)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".tmp") == []
+    with pytest.raises(ValueError, match="other settings"):
+        main([*common, "--epochs", "3", "--checkpoint", str(tmp_path / "b.pt"), "--resume", "--hidden", "8"])
+
+
+def test_glue_prediction_file(sentiment, tmp_path):
+    train, test = sentiment
+    out = tmp_path / "SST-2.tsv"
+    main(["--model", "lstm", "--method", "bp", "--train-file", str(train), "--test-file", str(test),
+          "--epochs", "1", "--glue-sst2", str(out), *SMALL])
+    lines = out.read_text().splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == 201
+    assert {line.split("\t")[1] for line in lines[1:]} <= {"0", "1"}
+
+
+def test_mnist_mlp_run_learns(tmp_path):
+    need_data("mnist")
+    summary = main(["--model", "mlp", "--method", "al", "--dataset", "mnist", "--train-limit", "4000",
+                    "--epochs", "2", "--hidden", "64", "--label-dim", "32", "--batch-size", "32", "--lr", "3e-3",
+                    "--no-progress", "--threads", "1"])
+    assert summary["test_accuracy"] > 0.8 and summary["test_examples"] == 10000
+
+
+def test_meprop_k_through_the_cli(sentiment):
+    train, test = sentiment
+    summary = main(["--model", "transformer", "--method", "al", "--train-file", str(train), "--test-file", str(test),
+                    "--epochs", "1", "--k", "4", *SMALL])
+    assert summary["args"]["k"] == 4 and 0.0 <= summary["test_accuracy"] <= 1.0
+
+
+def test_unknown_dataset_is_a_clear_error():
+    with pytest.raises(ValueError, match="no local folder"):
+        main(["--model", "lstm", "--method", "al", "--dataset", "no_such_set", "--no-progress"])
+
+
+def test_cli_argument_errors(capsys):
+    for argv in (["--model", "lstm", "--method", "al"],
+                 ["--model", "mlp", "--method", "al", "--dataset", "emotion"],
+                 ["--model", "lstm", "--method", "bp", "--dataset", "emotion", "--exit-threshold", "1"]):
+        with pytest.raises(SystemExit):
+            main(argv)

@@ -275,12 +275,12 @@ def train(
             state.history.append(record)
             state.epoch += 1
             state.finished = state.epoch == config.epochs
-            if progress:
-                tqdm.write(
-                    f"{config.name} epoch {epoch + 1}: loss {record['loss']:.4f} dev {dev:.2f} test {test:.2f} "
-                    f"epoch {epoch_s:.1f}s backward {times['backward_s']:.1f}s"
-                    + (f" sizes {record['hidden_sizes']}" if simplifier is not None else "")
-                )
+            tqdm.write(
+                f"{config.name} epoch {epoch + 1}: loss {record['loss']:.4f} dev {dev:.2f} test {test:.2f} "
+                f"epoch {epoch_s:.1f}s backward {times['backward_s']:.1f}s"
+                + (f" sizes {record['hidden_sizes']}" if simplifier is not None else ""),
+                file=sys.stderr,
+            )
             if checkpoint is not None:
                 _save_atomic(
                     dict(config=asdict(config), state=asdict(state), model=model.state_dict(),

@@ -304,7 +304,7 @@ def summarise(config: RunConfig, state: RunState, timing_epochs_skip: int = 0) -
     timed = state.history[timing_epochs_skip:] or state.history
     mean = {key: sum(r[key] for r in timed) / len(timed) for key in ("epoch_s", "backward_s", "linear_backward_s", "forward_s", "step_s")}
     row = dict(name=config.name, mode=config.mode or "dense", k=config.k, output_k=config.output_k,
-               epochs=config.epochs, best_epoch=state.best_epoch, dev_acc=state.best_dev, test_acc=state.test_at_best,
+               epochs=config.epochs, epochs_done=state.epoch, best_epoch=state.best_epoch, dev_acc=state.best_dev, test_acc=state.test_at_best,
                final_test_acc=state.history[-1]["test"], timed_epochs=len(timed), **mean, history=state.history)
     if config.simp:
         row["hidden_sizes"] = state.hidden_sizes
@@ -323,13 +323,13 @@ def add_speedups(rows: list[dict]) -> None:
 
 def format_table(rows: list[dict], markdown: bool = False) -> str:
     """Accuracy and time table; steps-per-epoch times in seconds, speedups vs the dense row."""
-    header = ["run", "dev %", "test %", "best ep", "epoch s", "x", "backward s", "x", "linear bwd s", "x", "sizes"]
+    header = ["run", "epochs", "dev %", "test %", "best ep", "epoch s", "x", "backward s", "x", "linear bwd s", "x", "sizes"]
     lines = []
     for r in rows:
         def ratio(key):
             value = r.get(key)
             return "-" if value is None else f"{value:.2f}"
-        lines.append([r["name"], f"{r['dev_acc']:.2f}", f"{r['test_acc']:.2f}", str(r["best_epoch"] + 1),
+        lines.append([r["name"], f"{r.get('epochs_done', r['epochs'])}/{r['epochs']}", f"{r['dev_acc']:.2f}", f"{r['test_acc']:.2f}", str(r["best_epoch"] + 1),
                       f"{r['epoch_s']:.2f}", ratio("epoch_speedup"), f"{r['backward_s']:.2f}", ratio("backward_speedup"),
                       f"{r['linear_backward_s']:.2f}", ratio("linear_backward_speedup"),
                       "-" if "hidden_sizes" not in r else "/".join(map(str, r["hidden_sizes"]))])
@@ -407,7 +407,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--combine", nargs=2, type=Path, metavar=("ACCURACY_JSON", "TIMING_JSON"),
                         help="merge a full-protocol run's JSON (accuracy) and a timed run's JSON (speed) into one report")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    parser.add_argument("--report-only", action="store_true",
+                        help="no training: summarise the runs saved in --checkpoint DIR (unfinished ones marked)")
     args = parser.parse_args(argv)
+    if args.report_only and args.checkpoint is None:
+        parser.error("--report-only needs --checkpoint DIR")
     if args.resume and args.checkpoint is None:
         parser.error("--resume needs --checkpoint DIR")
     if args.stop_after is not None and args.checkpoint is None:
@@ -476,12 +480,19 @@ def main(argv=None) -> int:
     rows = []
     for config in configs:
         path = args.checkpoint / f"{config.name}.pt" if args.checkpoint else None
+        if args.report_only:
+            if not path.exists():
+                print(f"{config.name}: no checkpoint in {args.checkpoint}", file=sys.stderr)
+                continue
+            state = RunState(**torch.load(path, weights_only=False)["state"])
+            rows.append(summarise(config, state, args.skip_epochs) | dict(complete=state.finished))
+            continue
         try:
             state = train(config, data, path, args.resume, progress=not args.no_progress, stop_at=stop_at)
         except StopRequested as stop:
             print(f"{stop}; rerun with --resume to continue", file=sys.stderr)
             return 3
-        rows.append(summarise(config, state, args.skip_epochs))
+        rows.append(summarise(config, state, args.skip_epochs) | dict(complete=True))
     add_speedups(rows)
     print(format_table(rows))
     if args.json:

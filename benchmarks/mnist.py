@@ -444,6 +444,7 @@ def combine(accuracy_path: Path, timing_path: Path) -> dict:
     full = json.loads(accuracy_path.read_text())
     timed = json.loads(timing_path.read_text())
     add_speedups(timed["runs"])  # the full runs' times were taken under load: no speedups from them
+    full["runs"] = [{k: v for k, v in r.items() if not k.endswith("_speedup")} for r in full["runs"]]
     return dict(
         description="meProp / meSimp on MNIST (benchmarks/mnist.py). Accuracies: 'accuracy' (full protocol). "
         "Times and speedups: 'timing' (a separate short run with the CPU to itself).",

@@ -53,7 +53,10 @@ def parse_args(argv=None):
     p.add_argument("--ks", nargs="+", type=int, help="k values for every size (default: per size)")
     p.add_argument("--backends", nargs="+", help="subset of the available backends (default: all)")
     p.add_argument("--modes", nargs="+", default=[v[0] for v in VARIANTS], choices=[v[0] for v in VARIANTS])
-    p.add_argument("--repeats", type=int, help="timed repeats per case (default 5, 3 with --quick)")
+    p.add_argument("--all-reference", action="store_true",
+                   help="time the reference backend at every k (default: only at the k nearest 32 of each size, "
+                        "since its per-example path costs as much as the dense backward)")
+    p.add_argument("--repeats", type=int, help="timed repeats per case (default 3, 2 with --quick)")
     p.add_argument("--out-dir", type=Path, default=RESULTS, help="where CSV/JSON/PNG go")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     return p.parse_args(argv)
@@ -128,7 +131,7 @@ def describe_machine(device):
 def main(argv=None):
     args = parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    repeats = args.repeats or (3 if args.quick else 5)
+    repeats = args.repeats or (2 if args.quick else 3)
     sizes = QUICK_SIZES if args.quick else DEFAULT_SIZES
     if args.sizes:
         sizes = {tuple(int(v) for v in s.lower().split("x")): None for s in args.sizes}
@@ -146,8 +149,11 @@ def main(argv=None):
 
     cases = []
     for (b, i, o), size_ks in sizes.items():
-        for k in args.ks or size_ks or [32]:
-            cases.extend(((b, i, o), k, v, name) for v in variants for name in chosen)
+        ks = args.ks or size_ks or [32]
+        reference_k = min(ks, key=lambda k: abs(k - 32))
+        for k in ks:
+            names = [n for n in chosen if n != "reference" or args.all_reference or k == reference_k]
+            cases.extend(((b, i, o), k, v, name) for v in variants for name in names)
     rows, dense, bar = [], {}, tqdm(total=len(cases), desc="cases", file=sys.stderr, dynamic_ncols=True)
     gen = torch.Generator(device=device).manual_seed(0)
     for (b, i, o), k, (label, mode, sparse), name in cases:

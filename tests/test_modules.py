@@ -107,7 +107,7 @@ def test_small_mlp_trains(mode):
     assert losses[-1] < 0.6 * losses[0], losses[::10]
 
 
-def test_sparse_grad_trains_with_sgd_and_adagrad_and_adam_refuses():
+def test_sparse_grad_trains_with_sgd_adagrad_sparse_adam_and_adam_refuses():
     for opt_cls in (torch.optim.SGD, torch.optim.Adagrad):
         torch.manual_seed(0)
         layer = meprop.Linear(20, 3, k=2, sparse_grad=True)
@@ -123,6 +123,21 @@ def test_sparse_grad_trains_with_sgd_and_adagrad_and_adam_refuses():
             assert layer.weight.grad.is_sparse
             opt.step()
         assert loss.item() < first
+    torch.manual_seed(0)
+    layer = meprop.Linear(20, 3, k=2, sparse_grad=True)
+    sparse_adam, adam = torch.optim.SparseAdam([layer.weight], lr=0.05), torch.optim.Adam([layer.bias], lr=0.05)
+    x = torch.randn(64, 20)
+    y = x[:, :3].argmax(1)
+    losses = []
+    for _ in range(30):
+        loss = nn.functional.cross_entropy(layer(x), y)
+        losses.append(loss.item())
+        sparse_adam.zero_grad()
+        adam.zero_grad()
+        loss.backward()
+        sparse_adam.step()
+        adam.step()
+    assert losses[-1] < 0.5 * losses[0]
     layer = meprop.Linear(20, 3, k=2, sparse_grad=True)
     layer(torch.randn(4, 20)).sum().backward()
     with pytest.raises(RuntimeError, match="(?i)sparse"):

@@ -43,15 +43,19 @@ def _cxx_standard() -> str:
 def _extension():
     march = os.environ.get("MEPROP_MARCH", "native")
     std = _cxx_standard()
-    cxx = ["-O3", std] + ([f"-march={march}"] if march else [])
+    # -fopenmp: at::parallel_for is a header template that only runs in parallel when the including
+    # translation unit is compiled with OpenMP (torch's CPU builds use the OpenMP backend).
+    cxx = ["-O3", std, "-fopenmp"] + ([f"-march={march}"] if march else [])
     sources = ["csrc/meprop.cpp"]
     if os.environ.get("MEPROP_CPU_KERNELS", "").strip() != "0":
         sources += sorted(glob.glob("csrc/cpu/*.cpp"))
     if _want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc = ["-O3", std, "--expt-relaxed-constexpr"]
-        return CUDAExtension("meprop._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc})
-    return CppExtension("meprop._C", sources, extra_compile_args={"cxx": cxx})
+        return CUDAExtension(
+            "meprop._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"]
+        )
+    return CppExtension("meprop._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
 
 
 setup(

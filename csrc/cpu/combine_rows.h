@@ -4,6 +4,7 @@
 #pragma once
 
 #include <type_traits>
+#include <vector>
 
 #include "common.h"
 #include "simd.h"
@@ -32,15 +33,29 @@ inline int strip_vecs(int64_t rows) {
   return fit >= 8 ? 8 : fit >= 4 ? 4 : 2;
 }
 
-// Calls fn with the compile-time strip width V (vectors) equal to `vecs`.
-template <typename Fn>
-inline void with_strip_vecs(int vecs, Fn&& fn) {
+// Splits the n_cols columns of src (rows x n_cols, leading dimension n_cols) into strips of strip_vecs()
+// vectors, one parallel task per strip: packs the strip into a panel and calls
+// fn(vecs, panel, first_column, width), where decltype(vecs)::value is the strip width in vectors.
+template <typename acc, typename T, typename Fn>
+void for_each_packed_strip(const T* src, int64_t rows, int64_t n_cols, Fn&& fn) {
+  const auto run = [&](auto vecs) {
+    constexpr int64_t kStrip = decltype(vecs)::value * Simd<acc>::kLanes;
+    at::parallel_for(0, (n_cols + kStrip - 1) / kStrip, 1, [&](int64_t s0, int64_t s1) {
+      std::vector<acc> panel(rows * kStrip);
+      for (int64_t s = s0; s < s1; ++s) {
+        const int64_t c = s * kStrip, width = std::min(kStrip, n_cols - c);
+        pack_strips(src, n_cols, rows, c, width, kStrip, 1, panel.data());
+        fn(vecs, static_cast<const acc*>(panel.data()), c, width);
+      }
+    });
+  };
+  const int vecs = strip_vecs<acc>(rows);
   if (vecs == 8)
-    fn(std::integral_constant<int, 8>{});
+    run(std::integral_constant<int, 8>{});
   else if (vecs == 4)
-    fn(std::integral_constant<int, 4>{});
+    run(std::integral_constant<int, 4>{});
   else
-    fn(std::integral_constant<int, 2>{});
+    run(std::integral_constant<int, 2>{});
 }
 
 }  // namespace meprop::cpu

@@ -27,18 +27,9 @@ at::Tensor linear_input_grad_rows_cpu(const at::Tensor& vals_in, const at::Tenso
     const int64_t n_out = weight.size(0);
     // One task per column strip: pack the strip of W (out x strip, sized to stay in L2), then every row
     // of dx gathers its k weight rows from the packed panel.
-    with_strip_vecs(strip_vecs<acc>(n_out), [&](auto vecs) {
-      constexpr int64_t kStrip = decltype(vecs)::value * Simd<acc>::kLanes;
-      const int64_t strips = (n_in + kStrip - 1) / kStrip;
-      at::parallel_for(0, strips, 1, [&](int64_t s0, int64_t s1) {
-        std::vector<acc> panel(n_out * kStrip);
-        for (int64_t s = s0; s < s1; ++s) {
-          const int64_t c = s * kStrip, width = std::min(kStrip, n_in - c);
-          pack_strips(pw, n_in, n_out, c, width, kStrip, 1, panel.data());
-          for (int64_t n = 0; n < n_rows; ++n)
-            combine_rows<decltype(vecs)::value>(k, pv + n * k, pi + n * k, panel.data(), pdx + n * n_in + c, width);
-        }
-      });
+    for_each_packed_strip<acc>(pw, n_out, n_in, [&](auto vecs, const acc* panel, int64_t c, int64_t width) {
+      for (int64_t n = 0; n < n_rows; ++n)
+        combine_rows<decltype(vecs)::value>(k, pv + n * k, pi + n * k, panel, pdx + n * n_in + c, width);
     });
   });
   return dx;

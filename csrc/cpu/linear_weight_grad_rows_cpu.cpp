@@ -61,19 +61,10 @@ at::Tensor linear_weight_grad_rows_cpu(const at::Tensor& vals_in, const at::Tens
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     scalar_t* pg = grad.mutable_data_ptr<scalar_t>();
     // One task per column strip: pack the strip of x (N x strip), then every output row sums its bucket.
-    with_strip_vecs(strip_vecs<acc>(n_rows), [&](auto vecs) {
-      constexpr int64_t kStrip = decltype(vecs)::value * Simd<acc>::kLanes;
-      const int64_t strips = (n_in + kStrip - 1) / kStrip;
-      at::parallel_for(0, strips, 1, [&](int64_t s0, int64_t s1) {
-        std::vector<acc> panel(n_rows * kStrip);
-        for (int64_t s = s0; s < s1; ++s) {
-          const int64_t c = s * kStrip, width = std::min(kStrip, n_in - c);
-          pack_strips(px, n_in, n_rows, c, width, kStrip, 1, panel.data());
-          for (int64_t p = 0; p < n_out_rows; ++p)
-            combine_rows<decltype(vecs)::value>(start[p + 1] - start[p], coef.data() + start[p], src.data() + start[p],
-                                                panel.data(), pg + p * n_in + c, width);
-        }
-      });
+    for_each_packed_strip<acc>(px, n_rows, n_in, [&](auto vecs, const acc* panel, int64_t c, int64_t width) {
+      for (int64_t p = 0; p < n_out_rows; ++p)
+        combine_rows<decltype(vecs)::value>(start[p + 1] - start[p], coef.data() + start[p], src.data() + start[p],
+                                            panel, pg + p * n_in + c, width);
     });
   });
   return grad;

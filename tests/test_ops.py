@@ -70,7 +70,7 @@ def test_nan_ranks_first_and_inf_next(backend):
 
 
 def test_topk_rows_long_rows_match_reference(gen):
-    # Rows far longer than k exercise the blocked skip of the heap scan, including NaN inside a block.
+    # Rows far longer than k exercise the block-maximum threshold (several block lengths), NaN in a block.
     dy = tie_free_rows(9, 5000, torch.float32, gen)
     dy[4, 4321] = float("nan")
     for k in (1, 16, 255):
@@ -78,6 +78,32 @@ def test_topk_rows_long_rows_match_reference(gen):
         ref_vals, ref_idx = reference.topk_rows(dy, k)
         assert torch.equal(idx, ref_idx)
         torch.testing.assert_close(vals, ref_vals, equal_nan=True, rtol=0, atol=0)
+
+
+def test_topk_rows_heavy_ties_match_reference(gen):
+    # Few distinct magnitudes: many entries tie with the block-maximum threshold and with each other.
+    dy = torch.randint(-2, 3, (6, 3000), generator=gen).float()
+    dy[1] = 0.0
+    for k in (1, 100, 1000):
+        vals, idx = ops.topk_rows(dy, k)
+        ref_vals, ref_idx = reference.topk_rows(dy, k)
+        assert torch.equal(idx, ref_idx) and torch.equal(vals, ref_vals)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_products_match_reference(dtype, gen):
+    # Sizes past the kernels' size-dependent paths: non-temporal stores for a large dx, depth-chunked
+    # accumulation for a long batch, and a scatter into on-demand zero pages (>= 8 MB).
+    n, i, o, k = 1024, 1024, 2048, 16
+    dy, x, w = _random_case(n, i, o, dtype, gen)
+    idx = torch.randperm(o, generator=gen)[:k]
+    assert_close(ops.linear_input_grad_unified(dy, w, idx), reference.linear_input_grad_unified(dy, w, idx))
+    assert_close(ops.linear_weight_grad_unified(dy, x, idx), reference.linear_weight_grad_unified(dy, x, idx))
+    rows = torch.randn(k, i, generator=gen).to(dtype)
+    dense = ops.scatter_rows(rows, idx, o)
+    assert torch.equal(dense, reference.scatter_rows(rows, idx, o))
+    dense += 1.0  # an ordinary writable tensor
+    assert torch.equal(dense, reference.scatter_rows(rows, idx, o) + 1.0)
 
 
 def _random_case(n, i, o, dtype, gen):

@@ -1,5 +1,5 @@
-// Helpers shared by the CPU kernels: accumulation types, the selection order, argument checks and an
-// allocator hint for large outputs.
+// Helpers shared by the CPU kernels: accumulation types, the selection order, argument checks and the
+// allocation of large outputs.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,6 +8,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <fstream>
+#include <string>
 #include <vector>
 
 #ifdef __linux__
@@ -79,6 +81,36 @@ inline at::Tensor empty_for_write(at::IntArrayRef sizes, const at::TensorOptions
   if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // a hint
 #endif
   return out;
+}
+
+// A zero tensor of at least `min_bytes` whose pages the OS supplies on first touch: an anonymous mapping
+// with the transparent-huge-page hint, so a kernel that writes only a few rows pays only for the pages
+// those rows touch, and a later read of an untouched page maps the kernel's shared zero page (cheap,
+// unlike a write). Returns an undefined tensor where that does not hold (small sizes, other systems,
+// huge pages or the huge zero page switched off): callers then fill the zeros themselves.
+inline at::Tensor zeros_on_demand(at::IntArrayRef sizes, const at::TensorOptions& options) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr size_t kMinBytes = size_t{8} << 20;
+  static const bool huge_zero_page = [] {
+    auto first_line = [](const char* path) {
+      std::ifstream in(path);
+      std::string line;
+      std::getline(in, line);
+      return line;
+    };
+    return first_line("/sys/kernel/mm/transparent_hugepage/enabled").find("[never]") == std::string::npos &&
+           first_line("/sys/kernel/mm/transparent_hugepage/use_zero_page") == "1";
+  }();
+  size_t nbytes = at::elementSize(at::typeMetaToScalarType(options.dtype()));
+  for (const int64_t s : sizes) nbytes *= static_cast<size_t>(s);
+  if (!huge_zero_page || nbytes < kMinBytes) return {};
+  void* data = mmap(nullptr, nbytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (data == MAP_FAILED) return {};
+  madvise(data, nbytes, MADV_HUGEPAGE);  // a hint
+  return at::from_blob(data, sizes, [nbytes](void* p) { munmap(p, nbytes); }, options);
+#else
+  return {};
+#endif
 }
 
 // Grain sizes for at::parallel_for, in rows, so that one task is worth a thread's start-up.

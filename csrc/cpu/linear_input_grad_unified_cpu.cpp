@@ -1,5 +1,5 @@
-// Unified compacted input gradient on CPU: dx (N, in) = dy[:, idx] @ W[idx, :]. float32/float64 use BLAS on
-// the compacted blocks; float16/bfloat16 use small_gemm, which accumulates in float32.
+// Unified compacted input gradient on CPU: dx (N, in) = dy[:, idx] @ W[idx, :] by small_gemm on the compacted
+// blocks (accumulating float16/bfloat16 in float32); small float32/float64 products go to BLAS.
 #include <torch/library.h>
 
 #include "small_gemm.h"
@@ -19,8 +19,7 @@ at::Tensor linear_input_grad_unified_cpu(const at::Tensor& dy_in, const at::Tens
   const at::Tensor dy = dy_in.contiguous(), weight = weight_in.contiguous(), idx = idx_in.contiguous();
   const int64_t n_rows = dy.size(0), n_out = dy.size(1), n_in = weight.size(1), k = idx.size(0);
   at::Tensor dx = empty_for_write({n_rows, n_in}, dy.options());
-  if (dy.scalar_type() == at::kFloat || dy.scalar_type() == at::kDouble) {
-    // BLAS is faster than small_gemm on the compacted blocks here; it accumulates in the input type.
+  if ((dy.scalar_type() == at::kFloat || dy.scalar_type() == at::kDouble) && !small_gemm_pays(n_rows, n_in, k)) {
     return at::mm_out(dx, dy.index_select(1, idx), weight.index_select(0, idx));
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "linear_input_grad_unified_cpu", [&] {

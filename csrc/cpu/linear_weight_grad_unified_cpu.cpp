@@ -1,5 +1,6 @@
-// Unified compacted weight gradient on CPU: dW_rows (k, in) = dy[:, idx]^T @ x. float32/float64 use BLAS;
-// float16/bfloat16 use small_gemm, which accumulates in float32 without converting x as a whole.
+// Unified compacted weight gradient on CPU: dW_rows (k, in) = dy[:, idx]^T @ x by small_gemm, which packs x
+// strip by strip (accumulating float16/bfloat16 in float32 without converting x as a whole); small
+// float32/float64 products go to BLAS.
 #include <torch/library.h>
 
 #include "small_gemm.h"
@@ -19,8 +20,7 @@ at::Tensor linear_weight_grad_unified_cpu(const at::Tensor& dy_in, const at::Ten
   const at::Tensor dy = dy_in.contiguous(), x = x_in.contiguous(), idx = idx_in.contiguous();
   const int64_t n_rows = dy.size(0), n_out = dy.size(1), n_in = x.size(1), k = idx.size(0);
   at::Tensor rows = at::empty({k, n_in}, dy.options());
-  if (dy.scalar_type() == at::kFloat || dy.scalar_type() == at::kDouble) {
-    // BLAS is faster than small_gemm on the compacted blocks here; it accumulates in the input type.
+  if ((dy.scalar_type() == at::kFloat || dy.scalar_type() == at::kDouble) && !small_gemm_pays(k, n_in, n_rows)) {
     return at::mm_out(rows, dy.index_select(1, idx).t(), x);
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "linear_weight_grad_unified_cpu", [&] {

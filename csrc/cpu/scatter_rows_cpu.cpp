@@ -1,5 +1,6 @@
-// Scatter of compacted gradient rows into a dense (out_features, in) gradient on CPU. Every element is
-// written exactly once (a copied row or zeros), in parallel, so the fresh pages fault on both cores.
+// Scatter of compacted gradient rows into a dense (out_features, in) gradient on CPU. Large gradients start
+// as on-demand zero pages (zeros_on_demand) and only the k rows are copied; otherwise every element is
+// written once (a copied row or zeros), in parallel, so the fresh pages fault on both cores.
 #include <torch/library.h>
 
 #include <cstring>
@@ -24,9 +25,17 @@ at::Tensor scatter_rows_cpu(const at::Tensor& rows_in, const at::Tensor& idx_in,
     TORCH_CHECK(pos[pi[i]] < 0, op, ": idx holds row ", pi[i], " twice");
     pos[pi[i]] = i;
   }
-  at::Tensor dense = empty_for_write({out_features, n_in}, rows.options());
   const size_t row_bytes = n_in * rows.element_size();
   const char* src = static_cast<const char*>(rows.const_data_ptr());
+  at::Tensor dense = zeros_on_demand({out_features, n_in}, rows.options());
+  if (dense.defined()) {  // already zero: copy the k rows only
+    char* dst = static_cast<char*>(dense.mutable_data_ptr());
+    at::parallel_for(0, k, row_grain(n_in), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) std::memcpy(dst + pi[i] * row_bytes, src + i * row_bytes, row_bytes);
+    });
+    return dense;
+  }
+  dense = empty_for_write({out_features, n_in}, rows.options());
   char* dst = static_cast<char*>(dense.mutable_data_ptr());
   at::parallel_for(0, out_features, row_grain(n_in), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {

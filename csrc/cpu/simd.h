@@ -8,6 +8,10 @@
 #include <cstring>
 #include <type_traits>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 namespace meprop::cpu {
 
 template <typename acc>
@@ -32,6 +36,26 @@ inline vec_t<acc> load_vec(const acc* p) {
   return v;
 }
 
+// Stores a vector to 32-byte aligned p without bringing its cache line in (a non-temporal store where the
+// target has one); store_fence() orders such stores before the writes that follow.
+template <typename acc>
+inline void stream_vec(acc* p, const vec_t<acc>& v) {
+#if defined(__AVX__)
+  if constexpr (std::is_same_v<acc, float>)
+    _mm256_stream_ps(p, reinterpret_cast<__m256>(v));
+  else
+    _mm256_stream_pd(p, reinterpret_cast<__m256d>(v));
+#else
+  std::memcpy(p, &v, sizeof(v));
+#endif
+}
+
+inline void store_fence() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
+}
+
 // Stores the first `count` lanes of a row of vectors as values of type T.
 template <typename acc, int V, typename T>
 inline void store_row(T* p, const vec_t<acc> (&t)[V], int64_t count) {
@@ -43,6 +67,14 @@ inline void store_row(T* p, const vec_t<acc> (&t)[V], int64_t count) {
   acc tmp[V * L];
   std::memcpy(tmp, t, sizeof(t));
   for (int64_t c = 0; c < count; ++c) p[c] = static_cast<T>(tmp[c]);
+}
+
+// Loads the first `count` lanes of a row of vectors (the rest zero).
+template <typename acc, int V>
+inline void load_row(const acc* p, vec_t<acc> (&t)[V], int64_t count) {
+  acc tmp[V * Simd<acc>::kLanes] = {};
+  std::memcpy(tmp, p, count * sizeof(acc));
+  std::memcpy(t, tmp, sizeof(t));
 }
 
 // Packs columns [c, c + width) of `rows` rows of src (leading dimension ld) into `strips` contiguous

@@ -1,6 +1,8 @@
-// Per-example top-k on CPU: |dy| fused with a threshold-and-buffer selection per row (partial selection,
-// no sort of the row). Blocks of 32 entries that cannot beat the current k-th best are skipped with one
-// vectorised comparison, so a row costs about one streaming pass when k is much smaller than the row.
+// Per-example top-k on CPU, two streaming passes per row and no sort of the row. Magnitudes become
+// unsigned integer keys whose order is the selection order (NaN above every number). Pass 1 takes the
+// largest key of each small block; the k-th largest of those block maxima, T, is at most the row's k-th
+// largest key (k blocks each hold a key >= T), so pass 2 keeps only entries with key >= T (a few k for
+// typical gradients) and the exact top k is chosen among them.
 #include <torch/library.h>
 
 #include <algorithm>
@@ -12,81 +14,91 @@
 namespace meprop::cpu {
 namespace {
 
-// A candidate with the selection order as operator> (larger |value| first, NaN above all, then lower
-// index). For float accumulators the whole order is one integer: the bits of |value| (NaN raised to the
-// top) above the complement of the index, which sorts several times faster than a compound comparison.
+// The magnitude key of an accumulation-type value: the bits of |value|, every NaN mapped to one key just
+// above +inf (so NaNs tie, and ties go by index).
 template <typename acc>
-struct Candidate {
-  acc value;
-  int64_t index;
-  Candidate(acc v, int64_t i) : value(v), index(i) {}
-  bool operator>(const Candidate& o) const { return ranks_before(value, index, o.value, o.index); }
-};
+struct MagnitudeKey;
 template <>
-struct Candidate<float> {
-  uint64_t key;
-  Candidate(float v, int64_t i) {
+struct MagnitudeKey<float> {
+  using type = uint32_t;
+  static type of(float v) {
     uint32_t bits;
     std::memcpy(&bits, &v, sizeof(bits));
-    key = (uint64_t{std::isnan(v) ? 0xFFFFFFFFu : bits} << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(i));
+    return std::min<uint32_t>(bits & 0x7FFFFFFFu, 0x7F800001u);
   }
-  float value() const {
-    const uint32_t bits = static_cast<uint32_t>(key >> 32);
-    float v;
-    std::memcpy(&v, &bits, sizeof(v));
-    return v;
-  }
-  int64_t index() const { return 0xFFFFFFFFu - static_cast<uint32_t>(key); }
-  bool operator>(const Candidate& o) const { return key > o.key; }
 };
-template <typename acc>
-acc value_of(const Candidate<acc>& c) { return c.value; }
-inline float value_of(const Candidate<float>& c) { return c.value(); }
-template <typename acc>
-int64_t index_of(const Candidate<acc>& c) { return c.index; }
-inline int64_t index_of(const Candidate<float>& c) { return c.index(); }
+template <>
+struct MagnitudeKey<double> {
+  using type = uint64_t;
+  static type of(double v) {
+    uint64_t bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    return std::min<uint64_t>(bits & 0x7FFFFFFFFFFFFFFFull, 0x7FF0000000000001ull);
+  }
+};
 
-// Keeps the k best of buf (in any order) and returns the value an entry must now exceed.
-template <typename acc>
-acc shrink_to_best(std::vector<Candidate<acc>>& buf, int64_t k) {
-  std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.end(), std::greater<>());
-  buf.resize(k, buf.front());
-  return value_of(buf[k - 1]);  // nth_element put the k-th best there
+// A candidate ordered by the selection order with operator>: larger key first, then lower index.
+template <typename key_t>
+struct Candidate {
+  key_t key;
+  int64_t index;
+  bool operator>(const Candidate& o) const { return key != o.key ? key > o.key : index < o.index; }
+};
+// For 32-bit keys both fit one integer (key above the complement of the index), which selects faster.
+template <>
+struct Candidate<uint32_t> {
+  uint64_t packed;
+  Candidate(uint32_t key, int64_t index) : packed((uint64_t{key} << 32) | (0xFFFFFFFFu - uint32_t(index))) {}
+  int64_t index_() const { return 0xFFFFFFFFu - static_cast<uint32_t>(packed); }
+  bool operator>(const Candidate& o) const { return packed > o.packed; }
+};
+template <typename key_t>
+int64_t index_of(const Candidate<key_t>& c) { return c.index; }
+inline int64_t index_of(const Candidate<uint32_t>& c) { return c.index_(); }
+
+// Block length for pass 1: up to 32, small enough that a row has at least 4k blocks (1 when k > n/4).
+inline int64_t block_length(int64_t n_cols, int64_t k) {
+  int64_t b = 32;
+  while (b > 1 && n_cols / b < 4 * k) b /= 2;
+  return b;
 }
 
 template <typename scalar_t>
-void topk_row(const scalar_t* row, int64_t n_cols, int64_t k, std::vector<Candidate<acc_t<scalar_t>>>& buf,
-              scalar_t* vals, int64_t* idx) {
+struct RowSelector {
   using acc = acc_t<scalar_t>;
-  // Candidates that beat the current threshold are appended; when the buffer is full it is cut back to the
-  // k best and the threshold rises to the k-th best value. Entries come in increasing index order, so one
-  // equal to the threshold never beats the entry holding it; !(v <= t) also admits NaN.
-  const int64_t capacity = 4 * k;
-  buf.clear();
-  acc threshold = acc(-1);  // below every |value|: the first entries are all admitted
-  const auto admit = [&](int64_t c) {
-    const acc v = std::abs(static_cast<acc>(row[c]));
-    if (!(v <= threshold)) {
-      buf.emplace_back(v, c);
-      if (static_cast<int64_t>(buf.size()) == capacity) threshold = shrink_to_best(buf, k);
+  using key_t = typename MagnitudeKey<acc>::type;
+  std::vector<key_t> keys, block_max, order;
+  std::vector<Candidate<key_t>> candidates;
+
+  void select(const scalar_t* row, int64_t n_cols, int64_t k, int64_t block, scalar_t* vals, int64_t* idx) {
+    const int64_t blocks = (n_cols + block - 1) / block;
+    keys.resize(n_cols);
+    block_max.resize(blocks);
+    for (int64_t b = 0; b < blocks; ++b) {
+      key_t m = 0;
+      for (int64_t c = b * block, end = std::min(n_cols, c + block); c < end; ++c) {
+        keys[c] = MagnitudeKey<acc>::of(static_cast<acc>(row[c]));
+        m = std::max(m, keys[c]);
+      }
+      block_max[b] = m;
     }
-  };
-  constexpr int64_t kBlock = 32;
-  int64_t c = 0;
-  for (; c + kBlock <= n_cols; c += kBlock) {
-    int any = 0;
-    for (int64_t i = 0; i < kBlock; ++i) any |= !(std::abs(static_cast<acc>(row[c + i])) <= threshold);
-    if (any)
-      for (int64_t i = 0; i < kBlock; ++i) admit(c + i);
+    order.assign(block_max.begin(), block_max.end());
+    std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), std::greater<>());
+    const key_t threshold = order[k - 1];
+    candidates.clear();
+    for (int64_t b = 0; b < blocks; ++b) {
+      if (block_max[b] < threshold) continue;  // no entry of this block can be among the k best
+      for (int64_t c = b * block, end = std::min(n_cols, c + block); c < end; ++c)
+        if (keys[c] >= threshold) candidates.push_back(Candidate<key_t>{keys[c], c});
+    }
+    std::nth_element(candidates.begin(), candidates.begin() + (k - 1), candidates.end(), std::greater<>());
+    std::sort(candidates.begin(), candidates.begin() + k, std::greater<>());  // best first
+    for (int64_t i = 0; i < k; ++i) {
+      idx[i] = index_of(candidates[i]);
+      vals[i] = row[idx[i]];
+    }
   }
-  for (; c < n_cols; ++c) admit(c);
-  if (static_cast<int64_t>(buf.size()) > k) shrink_to_best(buf, k);
-  std::sort(buf.begin(), buf.end(), std::greater<>());  // best first
-  for (int64_t i = 0; i < k; ++i) {
-    idx[i] = index_of(buf[i]);
-    vals[i] = row[idx[i]];
-  }
-}
+};
 
 std::tuple<at::Tensor, at::Tensor> topk_rows_cpu(const at::Tensor& dy_in, int64_t k) {
   check_matrix(dy_in, "topk_rows", "dy");
@@ -96,14 +108,14 @@ std::tuple<at::Tensor, at::Tensor> topk_rows_cpu(const at::Tensor& dy_in, int64_
   TORCH_CHECK(n_cols < (int64_t{1} << 32), "topk_rows: rows longer than 2^32 - 1 are not supported");
   at::Tensor vals = at::empty({n_rows, k}, dy.options());
   at::Tensor idx = at::empty({n_rows, k}, dy.options().dtype(at::kLong));
+  const int64_t block = block_length(n_cols, k);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "topk_rows_cpu", [&] {
     const scalar_t* p = dy.const_data_ptr<scalar_t>();
     scalar_t* pv = vals.mutable_data_ptr<scalar_t>();
     int64_t* pi = idx.mutable_data_ptr<int64_t>();
     at::parallel_for(0, n_rows, row_grain(n_cols), [&](int64_t r0, int64_t r1) {
-      std::vector<Candidate<acc_t<scalar_t>>> buf;
-      buf.reserve(4 * k);
-      for (int64_t n = r0; n < r1; ++n) topk_row(p + n * n_cols, n_cols, k, buf, pv + n * k, pi + n * k);
+      RowSelector<scalar_t> selector;
+      for (int64_t n = r0; n < r1; ++n) selector.select(p + n * n_cols, n_cols, k, block, pv + n * k, pi + n * k);
     });
   });
   return {vals, idx};

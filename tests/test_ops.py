@@ -172,6 +172,25 @@ def test_every_output_element_is_written(gen):
         assert not torch.isnan(call()).any()
 
 
+def test_reused_output_blocks_are_fully_written(gen):
+    # Outputs of 1 MB and more come from a cache of freed blocks: poison each, free it, and the next output
+    # of that size (which reuses the block) must still hold only computed values.
+    n, i, o, k = 512, 1024, 640, 24
+    dy, x, w = _random_case(n, i, o, torch.float32, gen)
+    idx = reference.topk_unified(dy, k)
+    vals, ridx = reference.topk_rows(dy, k)
+    calls = [
+        (lambda: ops.linear_input_grad_unified(dy, w, idx), reference.linear_input_grad_unified(dy, w, idx)),
+        (lambda: ops.linear_input_grad_rows(vals, ridx, w), reference.linear_input_grad_rows(vals, ridx, w)),
+        (lambda: ops.linear_weight_grad_rows(vals, ridx, x, o, None), reference.linear_weight_grad_rows(vals, ridx, x, o)),
+    ]
+    for call, expected in calls:
+        out = call()
+        out.fill_(float("nan"))
+        del out
+        assert_close(call(), expected)
+
+
 def test_empty_batch():
     dy, x, w = torch.zeros(0, 6), torch.zeros(0, 4), torch.randn(6, 4)
     idx = ops.topk_unified(dy, 3)

@@ -1,6 +1,8 @@
 // The inner loop of the per-example products: a strip of one output row as a weighted sum of rows of a
 // packed panel, out[0:width] = sum_e coef[e] * panel[row[e], :], accumulated in registers; the panel holds
-// strips of V vectors per row.
+// strips of V vectors per row. Even and odd terms go to separate accumulators, so twice as many
+// independent FMA chains hide the latency of the gathered loads. `stream`: a full strip is written with
+// non-temporal stores (out is acc-typed and 32-byte aligned).
 #pragma once
 
 #include <type_traits>
@@ -13,23 +15,50 @@ namespace meprop::cpu {
 
 template <int V, typename acc, typename coef_t, typename scalar_t>
 inline void combine_rows(int64_t count, const coef_t* coef, const int64_t* row, const acc* panel, scalar_t* out,
-                         int64_t width) {
+                         int64_t width, bool stream) {
   constexpr int L = Simd<acc>::kLanes;
-  vec_t<acc> t[V] = {};
-  for (int64_t e = 0; e < count; ++e) {
+  vec_t<acc> t[V] = {}, u[V] = {};
+  int64_t e = 0;
+  for (; e + 2 <= count; e += 2) {
+    const acc a = static_cast<acc>(coef[e]), b = static_cast<acc>(coef[e + 1]);
+    const acc* p = panel + row[e] * V * L;
+    const acc* q = panel + row[e + 1] * V * L;
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) {
+      t[v] += a * load_vec(p + v * L);
+      u[v] += b * load_vec(q + v * L);
+    }
+  }
+  if (e < count) {
     const acc a = static_cast<acc>(coef[e]);
     const acc* p = panel + row[e] * V * L;
 #pragma GCC unroll 8
     for (int v = 0; v < V; ++v) t[v] += a * load_vec(p + v * L);
   }
+#pragma GCC unroll 8
+  for (int v = 0; v < V; ++v) t[v] += u[v];
+  if constexpr (std::is_same_v<scalar_t, acc>) {
+    if (stream && width == V * L) {
+      for (int v = 0; v < V; ++v) stream_vec(out + v * L, t[v]);
+      return;
+    }
+  }
   store_row<acc, V>(out, t, width);
+}
+
+// Whether an acc-typed output of `rows` x `n_cols` (contiguous, at `data`) goes to memory with non-temporal
+// stores: large enough to leave the caches anyway, with every strip of every row 32-byte aligned.
+template <typename acc, typename scalar_t>
+inline bool stream_output(const scalar_t* data, int64_t rows, int64_t n_cols) {
+  return std::is_same_v<scalar_t, acc> && reinterpret_cast<uintptr_t>(data) % 32 == 0 &&
+         n_cols % Simd<acc>::kLanes == 0 && rows * n_cols * int64_t(sizeof(scalar_t)) >= (int64_t{4} << 20);
 }
 
 // The strip width, in vectors (2, 4 or 8), for a panel of `rows` rows: as wide as fits in ~512 KB, so
 // that the panel stays in L2 while the rows gathered from it come in random order.
 template <typename acc>
 inline int strip_vecs(int64_t rows) {
-  const int64_t fit = (int64_t{512} << 10) / (std::max<int64_t>(rows, 1) * Simd<acc>::kLanes * int64_t(sizeof(acc)));
+  const int64_t fit = (int64_t{1024} << 10) / (std::max<int64_t>(rows, 1) * Simd<acc>::kLanes * int64_t(sizeof(acc)));
   return fit >= 8 ? 8 : fit >= 4 ? 4 : 2;
 }
 
@@ -47,6 +76,7 @@ void for_each_packed_strip(const T* src, int64_t rows, int64_t n_cols, Fn&& fn) 
         pack_strips(src, n_cols, rows, c, width, kStrip, 1, panel.data());
         fn(vecs, static_cast<const acc*>(panel.data()), c, width);
       }
+      store_fence();  // order the strips' non-temporal stores, if any, before the join
     });
   };
   const int vecs = strip_vecs<acc>(rows);

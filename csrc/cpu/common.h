@@ -1,5 +1,5 @@
-// Helpers shared by the CPU kernels: accumulation types, the selection order, argument checks and the
-// allocation of large outputs.
+// Helpers shared by the CPU kernels: accumulation types, the selection order, argument checks and grain
+// sizes.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,13 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
-#include <fstream>
-#include <string>
 #include <vector>
-
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 
 namespace meprop::cpu {
 
@@ -66,51 +60,6 @@ inline void check_index(const at::Tensor& idx, int64_t dims, int64_t bound, cons
     TORCH_CHECK(lo >= 0 && hi < bound, op, ": idx values must lie in [0, ", bound, "), got [", lo, ", ",
                 hi, "]");
   }
-}
-
-// at::empty for an output every element of which the caller writes. Large blocks ask the kernel for
-// transparent huge pages before their first touch: a fresh 256 MB gradient then costs a few thousand
-// page faults instead of sixty thousand, which on a small machine is most of a sparse backward's time.
-inline at::Tensor empty_for_write(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor out = at::empty(sizes, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr());
-  const uintptr_t end = begin + out.nbytes();
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // a hint
-#endif
-  return out;
-}
-
-// A zero tensor of at least `min_bytes` whose pages the OS supplies on first touch: an anonymous mapping
-// with the transparent-huge-page hint, so a kernel that writes only a few rows pays only for the pages
-// those rows touch, and a later read of an untouched page maps the kernel's shared zero page (cheap,
-// unlike a write). Returns an undefined tensor where that does not hold (small sizes, other systems,
-// huge pages or the huge zero page switched off): callers then fill the zeros themselves.
-inline at::Tensor zeros_on_demand(at::IntArrayRef sizes, const at::TensorOptions& options) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr size_t kMinBytes = size_t{8} << 20;
-  static const bool huge_zero_page = [] {
-    auto first_line = [](const char* path) {
-      std::ifstream in(path);
-      std::string line;
-      std::getline(in, line);
-      return line;
-    };
-    return first_line("/sys/kernel/mm/transparent_hugepage/enabled").find("[never]") == std::string::npos &&
-           first_line("/sys/kernel/mm/transparent_hugepage/use_zero_page") == "1";
-  }();
-  size_t nbytes = at::elementSize(at::typeMetaToScalarType(options.dtype()));
-  for (const int64_t s : sizes) nbytes *= static_cast<size_t>(s);
-  if (!huge_zero_page || nbytes < kMinBytes) return {};
-  void* data = mmap(nullptr, nbytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (data == MAP_FAILED) return {};
-  madvise(data, nbytes, MADV_HUGEPAGE);  // a hint
-  return at::from_blob(data, sizes, [nbytes](void* p) { munmap(p, nbytes); }, options);
-#else
-  return {};
-#endif
 }
 
 // Grain sizes for at::parallel_for, in rows, so that one task is worth a thread's start-up.

@@ -1,6 +1,7 @@
 // Per-example sparse input gradient on CPU: dx[n] = sum_i vals[n, i] * W[idx[n, i], :].
 #include <torch/library.h>
 
+#include "large_alloc.h"
 #include "combine_rows.h"
 
 namespace meprop::cpu {
@@ -27,9 +28,10 @@ at::Tensor linear_input_grad_rows_cpu(const at::Tensor& vals_in, const at::Tenso
     const int64_t n_out = weight.size(0);
     // One task per column strip: pack the strip of W (out x strip, sized to stay in L2), then every row
     // of dx gathers its k weight rows from the packed panel.
+    const bool stream = stream_output<acc>(pdx, n_rows, n_in);
     for_each_packed_strip<acc>(pw, n_out, n_in, [&](auto vecs, const acc* panel, int64_t c, int64_t width) {
       for (int64_t n = 0; n < n_rows; ++n)
-        combine_rows<decltype(vecs)::value>(k, pv + n * k, pi + n * k, panel, pdx + n * n_in + c, width);
+        combine_rows<decltype(vecs)::value>(k, pv + n * k, pi + n * k, panel, pdx + n * n_in + c, width, stream);
     });
   });
   return dx;

@@ -2,6 +2,7 @@
 // blocks (accumulating float16/bfloat16 in float32); small float32/float64 products go to BLAS.
 #include <torch/library.h>
 
+#include "large_alloc.h"
 #include "small_gemm.h"
 
 namespace meprop::cpu {

@@ -3,6 +3,7 @@
 // is owned by one thread: no atomics, no dense masked dy, and a fixed summation order.
 #include <torch/library.h>
 
+#include "large_alloc.h"
 #include "combine_rows.h"
 
 namespace meprop::cpu {
@@ -61,10 +62,11 @@ at::Tensor linear_weight_grad_rows_cpu(const at::Tensor& vals_in, const at::Tens
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     scalar_t* pg = grad.mutable_data_ptr<scalar_t>();
     // One task per column strip: pack the strip of x (N x strip), then every output row sums its bucket.
+    const bool stream = stream_output<acc>(pg, n_out_rows, n_in);
     for_each_packed_strip<acc>(px, n_rows, n_in, [&](auto vecs, const acc* panel, int64_t c, int64_t width) {
       for (int64_t p = 0; p < n_out_rows; ++p)
         combine_rows<decltype(vecs)::value>(start[p + 1] - start[p], coef.data() + start[p], src.data() + start[p],
-                                            panel, pg + p * n_in + c, width);
+                                            panel, pg + p * n_in + c, width, stream);
     });
   });
   return grad;

@@ -5,6 +5,7 @@
 
 #include <cstring>
 
+#include "large_alloc.h"
 #include "common.h"
 
 namespace meprop::cpu {

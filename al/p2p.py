@@ -57,11 +57,13 @@ class StageFailure(RuntimeError):
 
 
 def _failure(me: int, peer: int, action: str, message: Message | None, error: Exception) -> StageFailure:
+    cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if "timed out" in cause.lower() or "timeout" in cause.lower():
+        reason = f"stage {peer} did not answer within the timeout (--timeout): it hangs or is overloaded"
+    else:
+        reason = f"stage {peer} died or closed its connection"
     what = f" ({message.kind.name} epoch {message.epoch} step {message.step})" if message else ""
-    return StageFailure(
-        f"stage {me}: {action} stage {peer}{what} failed; stage {peer} died, closed its connection or did not "
-        f"answer within the timeout, so this stage stops. Cause: {str(error).strip().splitlines()[0]}"
-    )
+    return StageFailure(f"stage {me}: {action} stage {peer}{what} failed: {reason}; stopping. Cause: {cause}")
 
 
 class Sender:

@@ -444,6 +444,7 @@ def run(args) -> dict | None:
     resumed_from = _resume_step(checkpoints, args, world) if checkpoints else None
     if resumed_from is not None:
         stage.restore(checkpoints.load(resumed_from))
+        checkpoints.discard_after(resumed_from)
         stage.log(f"resuming after batch {resumed_from}")
 
     sender = Sender(rank, rank + 1, wire) if not stage.last else None

@@ -83,5 +83,11 @@ class StageCheckpoints:
         for old in self.steps()[:-self.keep]:
             self.path(old).unlink(missing_ok=True)
 
+    def discard_after(self, step: int) -> None:
+        """Deletes this stage's checkpoints of batches after ``step`` (left by a run that is resumed from ``step``)."""
+        for newer in self.steps():
+            if newer > step:
+                self.path(newer).unlink(missing_ok=True)
+
     def load(self, step: int) -> dict:
         return torch.load(self.path(step), weights_only=False)

@@ -1,11 +1,11 @@
 """Point-to-point messages between pipeline stages over ``torch.distributed`` (gloo or NCCL).
 
 A message is a kind, three integers (epoch, step, aux) and a list of tensors whose shapes may change from
-one message to the next (text batches). On the wire, in this order:
+one message to the next (text batches). On the wire it is two transfers:
 
-1. a header, int64 ``[kind, epoch, step, aux, count]``;
-2. when ``count > 0``, a shape table, int64 ``(count, 2 + MAX_DIMS)``: dtype code, ndim, sizes (0-padded);
-3. each tensor's data (bool travels as uint8).
+1. a header, int64 ``[kind, epoch, step, aux, count, body_bytes]``;
+2. when ``count > 0``, a body of ``body_bytes`` bytes: a shape table, int64 ``(count, 2 + MAX_DIMS)`` (dtype
+   code, ndim, sizes, 0-padded), then each tensor's bytes, each starting at a multiple of ``ALIGN`` bytes.
 
 :class:`Sender` sends with ``isend`` and keeps at most one message in flight: a new send first waits for the
 previous one, so the sender computes the next batch while the receiver takes the last one, and no more than
@@ -22,13 +22,18 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-__all__ = ["Kind", "Message", "Sender", "Receiver", "StageFailure", "MAX_DIMS"]
+__all__ = ["Kind", "Message", "Sender", "Receiver", "StageFailure", "pack_body", "unpack_body", "MAX_DIMS"]
 
 MAX_DIMS = 6
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
            torch.int8, torch.uint8, torch.bool)
 _CODES = {dtype: code for code, dtype in enumerate(_DTYPES)}
-_HEADER = 5
+_HEADER = 6
+ALIGN = 16
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
 
 
 class Kind(IntEnum):
@@ -72,27 +77,17 @@ class Sender:
     def __init__(self, me: int, peer: int, wire: torch.device):
         self.me, self.peer, self.wire = me, peer, wire
         self._pending: list = []  # the works of the message in flight
-        self._in_flight: tuple = ()  # its tensors, kept alive until the send completes
+        self._in_flight: tuple = ()  # its header and body, kept alive until the send completes
         self._message: Message | None = None
 
     def send(self, message: Message) -> None:
         """Starts sending ``message`` after waiting for the previous one."""
         self.wait()
-        tensors = [t.detach().to(self.wire).contiguous() for t in message.tensors]
-        if any(t.dim() > MAX_DIMS for t in tensors):
-            raise ValueError(f"message tensors: at most {MAX_DIMS} dimensions")
-        header = torch.tensor([int(message.kind), message.epoch, message.step, message.aux, len(tensors)],
-                              dtype=torch.int64, device=self.wire)
-        parts = [header]
-        if tensors:
-            table = torch.zeros(len(tensors), 2 + MAX_DIMS, dtype=torch.int64)
-            for row, t in enumerate(tensors):
-                if t.dtype not in _CODES:
-                    raise TypeError(f"message tensors: unsupported dtype {t.dtype}")
-                table[row, 0], table[row, 1] = _CODES[t.dtype], t.dim()
-                table[row, 2:2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
-            parts.append(table.to(self.wire))
-            parts += [t.view(torch.uint8) if t.dtype == torch.bool else t for t in tensors]
+        tensors = [t.detach() for t in message.tensors]
+        parts = [pack_body(tensors, self.wire)] if tensors else []
+        header = torch.tensor([int(message.kind), message.epoch, message.step, message.aux, len(tensors),
+                               parts[0].numel() if parts else 0], dtype=torch.int64, device=self.wire)
+        parts.insert(0, header)
         self._message = message
         try:
             self._pending = [dist.isend(part, self.peer) for part in parts]
@@ -126,15 +121,43 @@ class Receiver:
 
     def recv(self) -> Message:
         header = self._recv(torch.empty(_HEADER, dtype=torch.int64, device=self.wire), None).tolist()
-        kind, epoch, step, aux, count = header
+        kind, epoch, step, aux, count, body_bytes = header
         message = Message(Kind(kind), epoch, step, aux)
         if count == 0:
             return message
-        table = self._recv(torch.empty(count, 2 + MAX_DIMS, dtype=torch.int64, device=self.wire), message).tolist()
-        tensors = []
-        for code, ndim, *sizes in table:
-            dtype = _DTYPES[code]
-            wire_dtype = torch.uint8 if dtype == torch.bool else dtype
-            buffer = self._recv(torch.empty(sizes[:ndim], dtype=wire_dtype, device=self.wire), message)
-            tensors.append((buffer.view(torch.bool) if dtype == torch.bool else buffer).to(self.device))
-        return message._replace(tensors=tuple(tensors))
+        body = self._recv(torch.empty(body_bytes, dtype=torch.uint8, device=self.wire), message)
+        return message._replace(tensors=tuple(t.to(self.device) for t in unpack_body(body, count)))
+
+
+def pack_body(tensors, device: torch.device) -> torch.Tensor:
+    """The shape table and the bytes of ``tensors`` (contiguous) in one uint8 buffer on ``device``."""
+    table = torch.zeros(len(tensors), 2 + MAX_DIMS, dtype=torch.int64)
+    offsets, size = [], _aligned(table.numel() * 8)
+    for row, t in enumerate(tensors):
+        if t.dtype not in _CODES:
+            raise TypeError(f"message tensors: unsupported dtype {t.dtype}")
+        if t.dim() > MAX_DIMS:
+            raise ValueError(f"message tensors: at most {MAX_DIMS} dimensions, got shape {tuple(t.shape)}")
+        table[row, 0], table[row, 1] = _CODES[t.dtype], t.dim()
+        table[row, 2:2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
+        offsets.append(size)
+        size += _aligned(t.numel() * t.element_size())
+    body = torch.empty(size, dtype=torch.uint8, device=device)
+    body[: table.numel() * 8] = table.view(-1).view(torch.uint8).to(device)
+    for offset, t in zip(offsets, tensors):
+        data = t.reshape(-1).view(torch.uint8)
+        body[offset: offset + data.numel()] = data
+    return body
+
+
+def unpack_body(body: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """The ``count`` tensors packed by :func:`pack_body`, as views of ``body``."""
+    table_bytes = count * (2 + MAX_DIMS) * 8
+    table = body[:table_bytes].cpu().view(torch.int64).view(count, 2 + MAX_DIMS).tolist()
+    tensors, offset = [], _aligned(table_bytes)
+    for code, ndim, *sizes in table:
+        dtype, shape = _DTYPES[code], sizes[:ndim]
+        nbytes = dtype.itemsize * int(torch.Size(shape).numel())
+        tensors.append(body[offset: offset + nbytes].view(dtype).view(shape))
+        offset += _aligned(nbytes)
+    return tensors

@@ -19,6 +19,7 @@ import time
 import pytest
 import torch
 
+from al.p2p import pack_body, unpack_body
 from al.pipeline import balanced_split, main as pipeline_main
 from al.stage_checkpoints import StageCheckpoints, checkpoints_to_keep, newest_common_step
 from al.train import main as train_main
@@ -294,3 +295,21 @@ def test_pipeline_argument_errors():
                   ["--backend", "nccl"]):
         with pytest.raises(SystemExit):
             pipeline_main([*base, *extra])
+
+
+def test_message_body_round_trip_keeps_dtypes_shapes_and_values():
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(3, 5, generator=g), torch.tensor(7), torch.rand(2, 3, generator=g) > 0.5,
+               torch.randint(-9, 9, (4, 1, 2), generator=g), torch.randn(0, 4), torch.randn(2, 3).to(torch.bfloat16),
+               torch.randn(6, 7, generator=g).t(), torch.arange(5, dtype=torch.uint8)]
+    body = pack_body(tensors, torch.device("cpu"))
+    assert body.dtype == torch.uint8 and body.dim() == 1
+    unpacked = unpack_body(body.clone(), len(tensors))
+    assert len(unpacked) == len(tensors)
+    for got, want in zip(unpacked, tensors):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="dimensions"):
+        pack_body([torch.zeros([1] * 7)], torch.device("cpu"))
+    with pytest.raises(TypeError, match="dtype"):
+        pack_body([torch.zeros(2, dtype=torch.complex64)], torch.device("cpu"))

@@ -442,6 +442,8 @@ def run(args) -> dict | None:
     stage.log(f"rank {rank}/{world} ({backend}, {device}, {args.threads} thread(s)): components [{begin}, {end}) "
               f"of {model.num_components}, split {counts}")
     resumed_from = _resume_step(checkpoints, args, world) if checkpoints else None
+    if args.resume and resumed_from is None:
+        stage.log(f"--resume: no checkpoints in {args.checkpoint_dir}; starting from the first batch")
     if resumed_from is not None:
         stage.restore(checkpoints.load(resumed_from))
         checkpoints.discard_after(resumed_from)

@@ -3,12 +3,13 @@
     python benchmarks/al_pipeline.py --model mlp     # MLP on MNIST
     python benchmarks/al_pipeline.py --model lstm    # BiLSTM on rotten_tomatoes
 
-Sequential: ``ALModel.train_step`` in this process with ``torch.set_num_threads(2)``. Pipeline: ``torchrun
---standalone --nproc-per-node 2 -m al.pipeline --threads 1`` (its last stage times the batches). Both train
-the same model on the same batches (epoch 1's order) and report samples/s over the same ``--batches`` batches
-after ``--warmup`` batches; data loading is included in both. Each measurement is repeated ``--repeats``
-times, alternating, and the median is kept. The result is merged into ``benchmarks/results/al_pipeline.json``
-under the model's name, with the machine and date. Run it alone on the machine (``cpu-job timed``).
+Sequential: ``ALModel.train_step`` with ``torch.set_num_threads(2)``. Pipeline: ``torchrun --standalone
+--nproc-per-node 2 -m al.pipeline --threads 1`` (its last stage times the batches). Both train the same model
+on the same batches (epoch 1's order) and report samples/s over the same ``--batches`` batches after
+``--warmup`` batches; data loading is included in both. Every measurement runs in fresh processes with the
+same environment (a process's speed drifts as its allocator warms up), repeated ``--repeats`` times,
+alternating; the median is kept. The result is merged into ``benchmarks/results/al_pipeline.json`` under
+``--name`` (default: the model), with the machine and date. Run it alone on the machine (``cpu-job timed``).
 """
 
 from __future__ import annotations
@@ -40,20 +41,24 @@ RT = DATA / "text" / "rotten_tomatoes"
 # Sizes where the two stages do about the same work and a batch's compute dwarfs sending its (s, t).
 CONFIGS = {
     "mlp": {
-        "argv": ["--model", "mlp", "--dataset", "mnist", "--components", "4", "--hidden", "1024",
-                 "--label-dim", "128", "--batch-size", "128", "--lr", "1e-3"],
+        "argv": ["--model", "mlp", "--dataset", "mnist", "--components", "4", "--hidden", "512",
+                 "--label-dim", "128", "--batch-size", "16", "--lr", "1e-3"],
         "split": "2,2",
-        "why": "4 components of 1024 units (784->1024, then 1024->1024), two per stage: the stages differ only "
-               "by the first layer's 784 vs 1024 inputs; a batch of 128 sends s (128x1024) and t (128x128).",
+        "batches": 300,
+        "why": "4 components of 512 units, two per stage (784->512 and 512->512 vs twice 512->512: about equal "
+               "work); batch 16: each stage computes for about 10 ms per batch and sends 40 KB (s 16x512, "
+               "t 16x128, labels).",
     },
     "lstm": {
         "argv": ["--model", "lstm", "--train-file", str(RT / "train.tsv"), "--test-file", str(RT / "test.tsv"),
-                 "--components", "2", "--hidden", "128", "--embedding-dim", "256", "--vocab-size", "5000",
-                 "--max-len", "48", "--label-dim", "128", "--batch-size", "64", "--lr", "1e-3"],
+                 "--components", "2", "--hidden", "128", "--embedding-dim", "128", "--vocab-size", "5000",
+                 "--max-len", "48", "--label-dim", "128", "--batch-size", "32", "--lr", "1e-3"],
         "split": "1,1",
-        "why": "2 BiLSTM components, one per stage, 128 units per direction; the 256-d embedding equals the "
-               "second LSTM's input width so both LSTMs cost the same; a 5,000-word vocabulary keeps the "
-               "first stage's dense embedding update small.",
+        "batches": 80,
+        "why": "2 BiLSTM components of 128 units per direction, one per stage; the first LSTM reads 128-d "
+               "embeddings, the second 256-d outputs, which offsets the first stage's embedding, dropout and "
+               "its dense 5,000-word embedding update; each stage computes for about 50 ms per batch of 32 "
+               "and sends up to 1.6 MB (s 32xLx256).",
     },
 }
 
@@ -81,6 +86,21 @@ def sequential_samples_per_s(argv, threads: int, warmup: int, batches: int) -> f
     return samples / (time.perf_counter() - started)
 
 
+def _python_env() -> dict:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+
+
+def sequential_in_fresh_process(argv, threads: int, warmup: int, batches: int) -> float:
+    """:func:`sequential_samples_per_s` in a new Python process."""
+    code = ("import json, sys; sys.path.insert(0, 'benchmarks'); from al_pipeline import sequential_samples_per_s; "
+            f"print(json.dumps(sequential_samples_per_s({argv!r}, {threads}, {warmup}, {batches})))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=_python_env(), capture_output=True,
+                          text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"sequential run failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return float(done.stdout.strip().splitlines()[-1])
+
+
 def pipeline_samples_per_s(argv, split: str, warmup: int, batches: int) -> float:
     """A 2-stage ``al.pipeline`` with 1 thread per stage; its last stage's samples/s after ``warmup``."""
     with tempfile.TemporaryDirectory() as folder:
@@ -89,8 +109,7 @@ def pipeline_samples_per_s(argv, split: str, warmup: int, batches: int) -> float
                    "-m", "al.pipeline", *argv, "--threads", "1", "--split", split, "--no-eval", "--log-every", "0",
                    "--max-batches", str(warmup + batches), "--warmup-batches", str(warmup),
                    "--results", str(results)]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-        done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(command, cwd=REPO_ROOT, env=_python_env(), capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             raise RuntimeError(f"pipeline run failed ({done.returncode}):\n{done.stderr[-4000:]}")
         throughput = json.loads(results.read_text())["throughput"]
@@ -114,11 +133,12 @@ def machine() -> str:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, choices=sorted(CONFIGS))
-    p.add_argument("--warmup", type=int, default=10, help="batches before the timing starts")
-    p.add_argument("--batches", type=int, default=60, help="batches timed")
+    p.add_argument("--warmup", type=int, default=20, help="batches before the timing starts")
+    p.add_argument("--batches", type=int, help="batches timed (default: the model's, 300 mlp, 80 lstm)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--al-args", default="", help="extra al.train/al.pipeline options overriding the model's sizes")
     p.add_argument("--split", help="components per stage (default: the model's)")
+    p.add_argument("--name", help="key of the result in --out (default: --model)")
     p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "al_pipeline.json"))
     args = p.parse_args(argv)
     config = dict(CONFIGS[args.model])
@@ -126,9 +146,10 @@ def main(argv=None) -> dict:
         config["argv"] = config["argv"] + args.al_args.split()
         config["why"] = "custom sizes (--al-args)"
     config["split"] = args.split or config["split"]
+    args.batches = args.batches or config["batches"]
     sequential, pipeline = [], []
     for _ in range(args.repeats):
-        sequential.append(sequential_samples_per_s(config["argv"], 2, args.warmup, args.batches))
+        sequential.append(sequential_in_fresh_process(config["argv"], 2, args.warmup, args.batches))
         pipeline.append(pipeline_samples_per_s(config["argv"], config["split"], args.warmup, args.batches))
         print(f"{args.model}: sequential {sequential[-1]:.1f} samples/s, pipeline {pipeline[-1]:.1f} samples/s",
               file=sys.stderr)
@@ -140,14 +161,17 @@ def main(argv=None) -> dict:
         "measured": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "sequential_runs": [round(v, 1) for v in sequential],
         "pipeline_runs": [round(v, 1) for v in pipeline],
-        "config": {"al_args": config["argv"], "split": config["split"], "why": config["why"],
+        "config": {"al_args": [os.path.relpath(a, REPO_ROOT) if a.startswith(str(DATA)) else a
+                               for a in config["argv"]],
+                   "split": config["split"], "why": config["why"],
                    "sequential_threads": 2, "pipeline_stages": 2, "threads_per_stage": 1,
                    "warmup_batches": args.warmup, "timed_batches": args.batches, "repeats": args.repeats,
-                   "statistic": "median of the repeats"},
+                   "statistic": "median of the repeats, each in fresh processes",
+                   "environment": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "OMP_", "MKL_"))}},
     }
     out = Path(args.out)
     merged = json.loads(out.read_text()) if out.exists() else {}
-    merged[args.model] = result
+    merged[args.name or args.model] = result
     merged["machine"] = machine()
     merged["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out.parent.mkdir(parents=True, exist_ok=True)

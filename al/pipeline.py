@@ -170,6 +170,7 @@ class Stage:
         self.checkpoints = checkpoints
         self.checkpoint_every = args.checkpoint_every
         self.step, self.saved_step = 0, None
+        self.closed_epoch = 0  # the last epoch whose end (losses, evaluation) this stage has handled
         self.loss_sums, self.loss_batches = [0.0] * (2 * len(self.components)), 0
         self.history = []  # last stage: one entry per epoch, as in al.train
         self.test = None  # last stage: final test result
@@ -227,6 +228,7 @@ class Stage:
         means = torch.tensor([v / max(self.loss_batches, 1) for v in self.loss_sums], dtype=torch.float64)
         losses = torch.cat([earlier, means])
         self.loss_sums, self.loss_batches = [0.0] * len(self.loss_sums), 0
+        self.closed_epoch = message.epoch
         if self.last:
             entry = {"epoch": message.epoch, "associated_loss": losses[0::2].tolist(),
                      "autoencoder_loss": losses[1::2].tolist()}
@@ -310,6 +312,7 @@ class Stage:
             "torch_rng": torch.get_rng_state(),
             "loss_sums": self.loss_sums,
             "loss_batches": self.loss_batches,
+            "closed_epoch": self.closed_epoch,
             "history": self.history,
         }
 
@@ -332,7 +335,7 @@ class Stage:
             optimizer.load_state_dict(saved)
         torch.set_rng_state(state["torch_rng"])
         self.loss_sums, self.loss_batches = list(state["loss_sums"]), state["loss_batches"]
-        self.history = state["history"]
+        self.history, self.closed_epoch = state["history"], state["closed_epoch"]
         self.step = self.saved_step = state["step"]
 
 
@@ -347,8 +350,8 @@ def drive(stage: Stage, datasets, args, emit, device) -> None:
         total = min(total, args.max_batches)
     step = stage.step
     epoch, skip = step // batches_per_epoch + 1, step % batches_per_epoch
-    if step and skip == 0:  # resumed at the end of an epoch: that epoch's end (and evaluation) comes first
-        epoch, skip = epoch - 1, batches_per_epoch
+    if step and skip == 0 and stage.closed_epoch < step // batches_per_epoch:
+        epoch, skip = epoch - 1, batches_per_epoch  # resumed at an epoch's last batch, before that epoch's end
     monitor = "validation" if "validation" in datasets else "test"
 
     def evaluate(split: str, epoch: int) -> None:

@@ -198,6 +198,22 @@ def test_single_stage_run_in_process_matches_sequential(tmp_path, sentiment):
 
 # ------------------------------------------------------------------------------------------------- faults
 
+@pytest.mark.parametrize("every", [7, 10])
+def test_resume_a_finished_run_for_another_epoch(tmp_path, sentiment, every):
+    """1 epoch (20 batches), then --resume --epochs 2. every=7: the newest checkpoint is the one written when
+    training ended, after the epoch's end; every=10: the one written at batch 20, before the epoch's end."""
+    args = [*lstm_args(sentiment, components=2), "--checkpoint-dir", str(tmp_path / "ck"),
+            "--checkpoint-every", str(every), "--log-every", "0"]
+    pipeline_main([*args, "--epochs", "1"])
+    resumed = pipeline_main([*args, "--epochs", "2", "--resume", "--save-model", str(tmp_path / "pipe.pt")])
+    sequential = train_main([*lstm_args(sentiment, components=2), "--epochs", "2", "--method", "al", "--threads", "1",
+                             "--no-progress", "--checkpoint", str(tmp_path / "seq.pt")])
+    assert resumed["resumed_from"] == 20 and resumed["batches"] == 40
+    assert_same_history(resumed["history"], sequential["history"])
+    assert_same_state(torch.load(tmp_path / "pipe.pt"), torch.load(tmp_path / "seq.pt", weights_only=False)["model"])
+
+
+
 def test_resume_after_a_stage_is_killed_matches_an_uninterrupted_run(launch, tmp_path, sentiment):
     """SIGKILL the last stage mid-training; the survivor stops with an error; --resume from the newest batch
     index both stages checkpointed trains every batch exactly once: same weights as a run never stopped."""

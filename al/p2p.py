@@ -8,9 +8,9 @@ one message to the next (text batches). On the wire it is two transfers:
    code, ndim, sizes, 0-padded), then each tensor's bytes, each starting at a multiple of ``ALIGN`` bytes.
 
 :class:`Sender` sends with ``isend`` and keeps at most one message in flight: a new send first waits for the
-previous one, so the sender computes the next batch while the receiver takes the last one, and no more than
-one message per link is ever buffered. gloo completes a send only once the receiver has posted the matching
-receive, which bounds how far a stage can run ahead of the next one. Every failure of a peer (it died, closed
+previous one, so the sender computes the next batch while the receiver takes the last one. gloo completes a
+send only once the receiver has posted the matching receive, which bounds how far a stage can run ahead of
+the next one (``al.stage_checkpoints.MAX_LEAD_PER_LINK``). Every failure of a peer (it died, closed
 its connection, or did not answer within the process group's timeout) becomes a :class:`StageFailure`.
 """
 

@@ -6,7 +6,7 @@
 Each rank (stage) owns a contiguous group of components (``--split``, default: balanced by parameter count
 without embeddings) and its own optimizers. Stage 0 reads the data; every stage trains its components on a
 batch, then sends the detached ``(s, t)``, the labels and (text) the mask to the next stage with ``isend`` and
-goes on to the next batch while that stage trains on this one. No gradient ever flows back. Evaluation takes
+goes on to the next batch while that stage trains on this one (and receives the next one in the background). No gradient ever flows back. Evaluation takes
 the shortcut path: ``s`` runs forward through the stages' encoders, the label decoders of the earlier stages
 travel with it (small ``label_dim`` layers), and the last stage applies ``b_L``, ``h_L ... h_1``.
 
@@ -24,6 +24,7 @@ import os
 import sys
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from itertools import islice
 from pathlib import Path
@@ -386,6 +387,27 @@ def drive(stage: Stage, datasets, args, emit, device) -> None:
     emit(Message(Kind.STOP, epoch, step))
 
 
+def receive_stream(stage: Stage, receiver: Receiver, sender: Sender | None, device: torch.device) -> None:
+    """Stages after the first: handles the previous stage's messages until STOP. The next message is received
+    by a helper thread while this one is handled, so the transfer (which needs both processes' I/O threads to
+    get a core) does not wait for the end of this stage's compute; at most one message is received ahead."""
+    initializer = (lambda: torch.cuda.set_device(device)) if device.type == "cuda" else None
+    prefetch = ThreadPoolExecutor(1, thread_name_prefix="al-pipeline-recv", initializer=initializer)
+    try:
+        pending = prefetch.submit(receiver.recv)
+        while True:
+            message = pending.result()
+            if message.kind != Kind.STOP:
+                pending = prefetch.submit(receiver.recv)
+            out = stage.handle(message)
+            if sender:
+                sender.send(out)
+            if message.kind == Kind.STOP:
+                break
+    finally:
+        prefetch.shutdown(wait=False, cancel_futures=True)
+
+
 def _resume_step(checkpoints: StageCheckpoints, args, world: int) -> int | None:
     """The batch index to resume from (None: start afresh), agreed by all stages."""
     checkpoints.check_layout()
@@ -461,14 +483,7 @@ def run(args) -> dict | None:
                 sender.send(out)
         drive(stage, datasets, args, emit, device)
     else:
-        receiver = Receiver(rank, rank - 1, wire, device)
-        while True:
-            message = receiver.recv()
-            out = stage.handle(message)
-            if sender:
-                sender.send(out)
-            if message.kind == Kind.STOP:
-                break
+        receive_stream(stage, Receiver(rank, rank - 1, wire, device), sender, device)
     if sender:
         sender.wait()
     seconds = time.perf_counter() - started

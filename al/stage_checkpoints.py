@@ -20,10 +20,11 @@ from .train import save_checkpoint
 
 __all__ = ["StageCheckpoints", "newest_common_step", "checkpoints_to_keep", "MAX_LEAD_PER_LINK"]
 
-# A stage has trained at most this many batches more than the next one: it finishes batch n + 1 while its
-# send of batch n waits for the next stage to post the receive, which happens once that stage has trained
-# batch n - 1 and sent it on (so it is at least at n - 2 when the send of n - 1 completed).
-MAX_LEAD_PER_LINK = 3
+# A stage has trained at most this many batches more than the next one. A stage checkpoints batch n + 1
+# after its send of batch n - 1 completed (it waits for each send before the next one), and gloo completes
+# a send once the receiver has posted the receive. The next stage receives one message ahead of the one it
+# trains on, so it posted the receive of batch n - 1 while training batch n - 2: it has trained n - 3.
+MAX_LEAD_PER_LINK = 4
 _NAME = re.compile(r"step-(\d{9})\.pt")
 _FOLDER = re.compile(r"stage-(\d+)-of-(\d+)")
 

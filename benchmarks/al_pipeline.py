@@ -46,8 +46,8 @@ CONFIGS = {
         "split": "2,2",
         "batches": 300,
         "why": "4 components of 512 units, two per stage (784->512 and 512->512 vs twice 512->512: about equal "
-               "work); batch 16: each stage computes for about 10 ms per batch and sends 40 KB (s 16x512, "
-               "t 16x128, labels).",
+               "work); batch 16: a stage alone on one thread computes for 8-11 ms per batch and sends 40 KB "
+               "(s 16x512, t 16x128, labels).",
     },
     "lstm": {
         "argv": ["--model", "lstm", "--train-file", str(RT / "train.tsv"), "--test-file", str(RT / "test.tsv"),
@@ -57,8 +57,8 @@ CONFIGS = {
         "batches": 80,
         "why": "2 BiLSTM components of 128 units per direction, one per stage; the first LSTM reads 128-d "
                "embeddings, the second 256-d outputs, which offsets the first stage's embedding, dropout and "
-               "its dense 5,000-word embedding update; each stage computes for about 50 ms per batch of 32 "
-               "and sends up to 1.6 MB (s 32xLx256).",
+               "its dense 5,000-word embedding update; a stage alone on one thread computes for 70-85 ms per "
+               "batch of 32 and sends up to 1.6 MB (s 32xLx256, L <= 48).",
     },
 }
 

@@ -288,8 +288,8 @@ def test_balanced_split_minimises_the_heaviest_stage():
 
 
 def test_checkpoint_retention_and_consistent_boundary(tmp_path):
-    assert checkpoints_to_keep(6, 2) == 2 and checkpoints_to_keep(3, 2) == 2
-    assert checkpoints_to_keep(1, 2) == 4 and checkpoints_to_keep(3, 3) == 3
+    assert checkpoints_to_keep(6, 2) == 2 and checkpoints_to_keep(4, 2) == 2 and checkpoints_to_keep(3, 2) == 3
+    assert checkpoints_to_keep(1, 2) == 5 and checkpoints_to_keep(4, 3) == 3
     assert newest_common_step([[3, 6, 9], [3, 6]]) == 6
     assert newest_common_step([[9, 12], [3, 6]]) is None
     stage = StageCheckpoints(tmp_path, 0, 2, keep=2)

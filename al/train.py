@@ -43,10 +43,10 @@ MODELS = ("mlp", "cnn", "lstm", "transformer")
 DEFAULT_COMPONENTS = {"mlp": 3, "cnn": 3, "lstm": 2, "transformer": 2}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m al.train", description=__doc__.split("\n\n")[0])
+def add_common_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Adds the model, data and optimisation options shared by ``al.train`` and ``al.pipeline``; returns the
+    "training" group so that callers can add their own training options to it."""
     p.add_argument("--model", required=True, choices=MODELS)
-    p.add_argument("--method", required=True, choices=("al", "bp"), help="associated learning or backprop")
     data = p.add_argument_group("data")
     data.add_argument("--dataset", help=f"mnist or one of {', '.join(sorted(HF_DATASETS))}")
     data.add_argument("--train-file", help="TSV (label<TAB>text) for training")
@@ -76,20 +76,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     opt.add_argument("--lr", type=float, default=1e-3)
     opt.add_argument("--clip", type=float, default=5.0, help="gradient-norm clip per optimizer (0: off)")
     opt.add_argument("--seed", type=int, default=0)
-    opt.add_argument("--threads", type=int, help="torch.set_num_threads")
-    opt.add_argument("--exit-threshold", type=float, help="AL: also test adaptive early exit at this entropy")
-    opt.add_argument("--checkpoint", help="checkpoint file written after every epoch")
-    opt.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
-    opt.add_argument("--results", help="write a JSON summary here")
-    opt.add_argument("--glue-sst2", help="write GLUE SST-2 predictions for the test set (GLUE test with --hf)")
-    opt.add_argument("--no-progress", action="store_true", help="no tqdm bars")
-    args = p.parse_args(argv)
+    return opt
+
+
+def check_common_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``p.error`` on inconsistent options from :func:`add_common_arguments`; turns an integral ``--k`` into int."""
     if (args.dataset is None) == (args.train_file is None):
         p.error("give either --dataset NAME or --train-file F (with --test-file F)")
     if args.train_file and not args.test_file:
         p.error("--train-file needs --test-file")
-    if args.method == "bp" and args.exit_threshold is not None:
-        p.error("--exit-threshold applies to --method al")
     vision = args.model in ("mlp", "cnn")
     if vision and args.dataset != "mnist":
         p.error(f"--model {args.model} is a vision model: use --dataset mnist")
@@ -102,6 +97,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("epochs", "batch_size", "max_len", "vocab_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m al.train", description=__doc__.split("\n\n")[0])
+    opt = add_common_arguments(p)
+    p.add_argument("--method", required=True, choices=("al", "bp"), help="associated learning or backprop")
+    opt.add_argument("--threads", type=int, help="torch.set_num_threads")
+    opt.add_argument("--exit-threshold", type=float, help="AL: also test adaptive early exit at this entropy")
+    opt.add_argument("--checkpoint", help="checkpoint file written after every epoch")
+    opt.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    opt.add_argument("--results", help="write a JSON summary here")
+    opt.add_argument("--glue-sst2", help="write GLUE SST-2 predictions for the test set (GLUE test with --hf)")
+    opt.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    args = p.parse_args(argv)
+    check_common_arguments(p, args)
+    if args.method == "bp" and args.exit_threshold is not None:
+        p.error("--exit-threshold applies to --method al")
     return args
 
 
@@ -203,14 +215,15 @@ def model_options(args, num_classes, vocab, vectors) -> dict:
 
 # ------------------------------------------------------------------------------------------------ training
 
-def _loader(dataset, args, shuffle, epoch=0):
+def make_loader(dataset, args, shuffle, epoch=0):
+    """Batches of ``dataset``; shuffled in an order fixed by ``--seed`` and ``epoch`` when ``shuffle``."""
     text = args.model in ("lstm", "transformer")
     generator = torch.Generator().manual_seed(args.seed * 100003 + epoch) if shuffle else None
     return DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle, generator=generator,
                       collate_fn=collate_text if text else None)
 
 
-def _unpack(batch):
+def unpack_batch(batch):
     """``(x, mask or None, labels)`` from a text or a vision batch."""
     if len(batch) == 3:
         return batch
@@ -231,7 +244,7 @@ def train_epoch(model, optimizers, loader, args, epoch) -> dict:
     totals, batches = None, 0
     bar = _progress(loader, args, f"epoch {epoch}")
     for batch in bar:
-        x, mask, labels = _unpack(batch)
+        x, mask, labels = unpack_batch(batch)
         if isinstance(model, ALModel):
             values = [v for pair in model.train_step(x, labels, optimizers, mask, args.clip) for v in pair]
         else:
@@ -258,8 +271,8 @@ def evaluate(model, dataset, args, exit_threshold=None) -> dict:
     model.eval()
     correct = early_correct = depth_sum = total = 0
     predictions = []
-    for batch in _progress(_loader(dataset, args, shuffle=False), args, "eval"):
-        x, mask, labels = _unpack(batch)
+    for batch in _progress(make_loader(dataset, args, shuffle=False), args, "eval"):
+        x, mask, labels = unpack_batch(batch)
         predicted = model(x, mask).argmax(dim=1)
         predictions.append(predicted)
         correct += int((predicted == labels).sum())
@@ -284,8 +297,8 @@ def save_checkpoint(path, state) -> None:
     os.replace(temporary, path)
 
 
-_ARCH_KEYS = ("model", "method", "components", "hidden", "channels", "d_model", "heads", "feedforward",
-              "label_dim", "k", "k_mode", "max_len", "vocab_size", "embedding_dim")
+ARCH_KEYS = ("model", "method", "components", "hidden", "channels", "d_model", "heads", "feedforward",
+             "label_dim", "k", "k_mode", "max_len", "vocab_size", "embedding_dim")
 
 
 def main(argv=None) -> dict:
@@ -297,7 +310,7 @@ def main(argv=None) -> dict:
     if args.resume and args.checkpoint and Path(args.checkpoint).exists():
         checkpoint = torch.load(args.checkpoint, weights_only=False)
         saved = checkpoint["args"]
-        changed = [key for key in _ARCH_KEYS if saved.get(key) != getattr(args, key)]
+        changed = [key for key in ARCH_KEYS if saved.get(key) != getattr(args, key)]
         if changed:
             raise ValueError(f"--resume: {args.checkpoint} was trained with other settings: {changed}")
     datasets, names, vocab, vectors = build_data(args, checkpoint["vocab"] if checkpoint else None)
@@ -319,7 +332,7 @@ def main(argv=None) -> dict:
           f"{len(names)} classes", file=sys.stderr)
     started = time.perf_counter()
     for epoch in range(first_epoch, args.epochs + 1):
-        losses = train_epoch(model, optimizers, _loader(datasets["train"], args, True, epoch), args, epoch)
+        losses = train_epoch(model, optimizers, make_loader(datasets["train"], args, True, epoch), args, epoch)
         accuracy = evaluate(model, datasets[monitor], args)["accuracy"]
         history.append({"epoch": epoch, f"{monitor}_accuracy": accuracy, **losses})
         print(f"epoch {epoch}: {monitor} accuracy {accuracy:.4f}  losses {json.dumps(losses)}", file=sys.stderr)

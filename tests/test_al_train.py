@@ -1,29 +1,12 @@
 """The training CLI end to end: it learns, writes results, and resumes from its atomic checkpoints."""
 
 import json
-import random
 
 import pytest
 import torch
 
 from al.train import main
-from al_helpers import need_data
-
-POSITIVE = ["good", "great", "fine", "superb"]
-NEGATIVE = ["bad", "awful", "poor", "dull"]
-FILLER = ["the", "movie", "was", "a", "plot", "and", "actors", "it", "very", "quite"]
-
-
-def write_sentiment(path, n, seed):
-    """A learnable two-class TSV: the class decides which word list the one sentiment word comes from."""
-    rng = random.Random(seed)
-    with open(path, "w", encoding="utf-8") as handle:
-        for _ in range(n):
-            label = rng.randrange(2)
-            words = rng.choices(FILLER, k=rng.randrange(3, 12))
-            words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label else NEGATIVE))
-            handle.write(f"{label}\t{' '.join(words)}\n")
-    return path
+from al_helpers import need_data, write_sentiment
 
 
 @pytest.fixture

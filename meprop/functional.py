@@ -90,11 +90,8 @@ def _random_rows(dy: torch.Tensor, k: int, generator) -> tuple[torch.Tensor, tor
 
 
 def _row_sparse(rows: torch.Tensor, idx: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """A coalesced sparse COO tensor of ``shape`` holding ``rows[i]`` at row ``idx[i]`` (unique)."""
-    order = idx.argsort()
-    return torch.sparse_coo_tensor(
-        idx[order].unsqueeze(0), rows[order], shape, is_coalesced=True, check_invariants=False
-    )
+    """A coalesced sparse COO tensor of ``shape`` holding ``rows[i]`` at row ``idx[i]`` (unique, ascending)."""
+    return torch.sparse_coo_tensor(idx.unsqueeze(0), rows, shape, is_coalesced=True, check_invariants=False)
 
 
 def linear_backward(
@@ -129,9 +126,11 @@ def linear_backward(
             idx = _random_unified(out_features, k, generator, dy.device)
         if input_grad:
             dx = ops.linear_input_grad_unified(dy, weight, idx)
-        if weight_grad:
-            rows = ops.linear_weight_grad_unified(dy, x, idx)
-            dw = _row_sparse(rows, idx, weight.shape) if sparse_grad else ops.scatter_rows(rows, idx, out_features)
+        if weight_grad and sparse_grad:
+            rows_idx = idx.sort().values  # the rows come out in the ascending order a coalesced tensor needs
+            dw = _row_sparse(ops.linear_weight_grad_unified(dy, x, rows_idx), rows_idx, weight.shape)
+        elif weight_grad:
+            dw = ops.scatter_rows(ops.linear_weight_grad_unified(dy, x, idx), idx, out_features)
     else:
         vals, idx = ops.topk_rows(dy, k) if mode == "per_example" else _random_rows(dy, k, generator)
         if input_grad:

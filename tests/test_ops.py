@@ -100,10 +100,12 @@ def test_large_products_match_reference(dtype, gen):
     assert_close(ops.linear_input_grad_unified(dy, w, idx), reference.linear_input_grad_unified(dy, w, idx))
     assert_close(ops.linear_weight_grad_unified(dy, x, idx), reference.linear_weight_grad_unified(dy, x, idx))
     rows = torch.randn(k, i, generator=gen).to(dtype)
-    dense = ops.scatter_rows(rows, idx, o)
-    assert torch.equal(dense, reference.scatter_rows(rows, idx, o))
-    dense += 1.0  # an ordinary writable tensor
-    assert torch.equal(dense, reference.scatter_rows(rows, idx, o) + 1.0)
+    # Rows spread over the gradient (zeros written) and rows within its first 2 MB (on-demand zero pages).
+    for idx in (idx, torch.randperm((2 << 20) // (i * rows.element_size()), generator=gen)[:k]):
+        dense = ops.scatter_rows(rows, idx, o)
+        assert torch.equal(dense, reference.scatter_rows(rows, idx, o))
+        dense += 1.0  # an ordinary writable tensor
+        assert torch.equal(dense, reference.scatter_rows(rows, idx, o) + 1.0)
 
 
 def _random_case(n, i, o, dtype, gen):

@@ -1,8 +1,9 @@
-// Scatter of compacted gradient rows into a dense (out_features, in) gradient on CPU. Large gradients start
-// as on-demand zero pages (zeros_on_demand) and only the k rows are copied; otherwise every element is
-// written once (a copied row or zeros), in parallel, so the fresh pages fault on both cores.
+// Scatter of compacted gradient rows into a dense (out_features, in) gradient on CPU. A large gradient whose
+// k rows touch at most half of its huge pages starts as on-demand zero pages (zeros_on_demand) and only the
+// k rows are copied; otherwise every element is written once (a copied row or zeros), in parallel.
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "large_alloc.h"
@@ -28,7 +29,16 @@ at::Tensor scatter_rows_cpu(const at::Tensor& rows_in, const at::Tensor& idx_in,
   }
   const size_t row_bytes = n_in * rows.element_size();
   const char* src = static_cast<const char*>(rows.const_data_ptr());
-  at::Tensor dense = zeros_on_demand({out_features, n_in}, rows.options());
+  // On-demand zero pages pay off when the k rows touch few of the huge pages (the OS zeroes every page a
+  // row lands on); otherwise a reused block with the zeros written is cheaper.
+  constexpr size_t kHugePage = size_t{2} << 20;
+  std::vector<char> page_touched((out_features * row_bytes + kHugePage - 1) / kHugePage, 0);
+  for (int64_t i = 0; i < k; ++i)
+    for (size_t b = pi[i] * row_bytes; b < (pi[i] + 1) * row_bytes; b = (b / kHugePage + 1) * kHugePage)
+      page_touched[b / kHugePage] = 1;
+  const size_t touched = std::count(page_touched.begin(), page_touched.end(), char{1});
+  at::Tensor dense;
+  if (2 * touched <= page_touched.size()) dense = zeros_on_demand({out_features, n_in}, rows.options());
   if (dense.defined()) {  // already zero: copy the k rows only
     char* dst = static_cast<char*>(dense.mutable_data_ptr());
     at::parallel_for(0, k, row_grain(n_in), [&](int64_t i0, int64_t i1) {

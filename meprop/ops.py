@@ -16,18 +16,6 @@ try:
 except Exception as exc:  # any import failure (missing build, ABI mismatch) leaves the reference path
     EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
 
-__all__ = [
-    "EXTENSION_ERROR",
-    "has_kernels",
-    "topk_unified",
-    "topk_rows",
-    "linear_input_grad_unified",
-    "linear_weight_grad_unified",
-    "linear_input_grad_rows",
-    "linear_weight_grad_rows",
-    "scatter_rows",
-]
-
 OP_NAMES = (
     "topk_unified",
     "topk_rows",
@@ -37,6 +25,8 @@ OP_NAMES = (
     "linear_weight_grad_rows",
     "scatter_rows",
 )
+
+__all__ = ["EXTENSION_ERROR", "has_kernels", *OP_NAMES]
 
 
 def has_kernels(device_type: str) -> bool:

@@ -46,14 +46,6 @@ inline void combine_rows(int64_t count, const coef_t* coef, const int64_t* row, 
   store_row<acc, V>(out, t, width);
 }
 
-// Whether an acc-typed output of `rows` x `n_cols` (contiguous, at `data`) goes to memory with non-temporal
-// stores: large enough to leave the caches anyway, with every strip of every row 32-byte aligned.
-template <typename acc, typename scalar_t>
-inline bool stream_output(const scalar_t* data, int64_t rows, int64_t n_cols) {
-  return std::is_same_v<scalar_t, acc> && reinterpret_cast<uintptr_t>(data) % 32 == 0 &&
-         n_cols % Simd<acc>::kLanes == 0 && rows * n_cols * int64_t(sizeof(scalar_t)) >= (int64_t{4} << 20);
-}
-
 // The strip width, in vectors (2, 4 or 8), for a panel of `rows` rows: as wide as fits in ~512 KB, so
 // that the panel stays in L2 while the rows gathered from it come in random order.
 template <typename acc>

@@ -56,6 +56,15 @@ inline void store_fence() {
 #endif
 }
 
+// Whether an output of `rows` rows with leading dimension `ld` (at `data`, of type T) goes to memory with
+// stream_vec: acc-typed, large enough to leave the caches anyway, and every vector-aligned column of every
+// row 32-byte aligned.
+template <typename acc, typename T>
+inline bool stream_output(const T* data, int64_t rows, int64_t ld) {
+  return std::is_same_v<T, acc> && reinterpret_cast<uintptr_t>(data) % 32 == 0 && ld % Simd<acc>::kLanes == 0 &&
+         rows * ld * int64_t(sizeof(T)) >= (int64_t{4} << 20);
+}
+
 // Stores the first `count` lanes of a row of vectors as values of type T.
 template <typename acc, int V, typename T>
 inline void store_row(T* p, const vec_t<acc> (&t)[V], int64_t count) {

@@ -65,8 +65,7 @@ void small_gemm(int64_t M, int64_t Ncols, int64_t K, const acc* A, int64_t lda, 
   const int64_t fit = std::max<int64_t>(1, kPanelBytes / (depth * kCols * int64_t(sizeof(acc))));
   const int64_t block_strips = std::min(fit, (strips + at::get_num_threads() - 1) / at::get_num_threads());
   const int64_t blocks = (strips + block_strips - 1) / block_strips, block = block_strips * kCols;
-  const bool stream = std::is_same_v<c_t, acc> && depth == K && reinterpret_cast<uintptr_t>(C) % 32 == 0 &&
-                      ldc % kCols == 0 && M * ldc * int64_t(sizeof(c_t)) >= (int64_t{4} << 20);
+  const bool stream = depth == K && stream_output<acc>(C, M, ldc);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<acc> panel(depth * block);
     for (int64_t b = b0; b < b1; ++b) {

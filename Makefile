@@ -3,14 +3,14 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/* csrc/cuda/*)
+SOURCES := setup.py pyproject.toml meprop/opdefs.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*)
 
 .PHONY: setup bench test clean
 setup: $(VENV)/.built
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q "$(TORCH)" numpy pytest hypothesis ninja pybind11 setuptools wheel tqdm matplotlib triton
+	$(BIN)/pip install -q "$(TORCH)" numpy pytest hypothesis ninja pybind11 setuptools wheel tqdm matplotlib triton transformers
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)

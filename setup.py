@@ -9,7 +9,10 @@ are present. Environment switches:
 """
 
 import glob
+import importlib
 import os
+import sys
+import types
 
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -40,12 +43,41 @@ def _cxx_standard() -> str:
     return "-std=c++20" if (major, minor) >= (2, 14) else "-std=c++17"
 
 
+GENERATED = os.path.join("build", "generated")
+
+
+def _write_op_list() -> None:
+    """Write GENERATED/meprop_ops.inc, the MEPROP_OP(name, signature) lines of meprop/opdefs.py's table.
+
+    The table is imported without running meprop/__init__.py (which loads the extension being built).
+    """
+    package = types.ModuleType("meprop")
+    package.__path__ = [os.path.abspath("meprop")]
+    saved = {name: sys.modules.pop(name) for name in list(sys.modules) if name == "meprop" or name.startswith("meprop.")}
+    sys.modules["meprop"] = package
+    try:
+        opdefs = importlib.import_module("meprop.opdefs")
+        lines = [f'MEPROP_OP({op.name}, "{op.signature}")\n' for op in opdefs.OPS.values()]
+    finally:
+        for name in [n for n in sys.modules if n == "meprop" or n.startswith("meprop.")]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+    os.makedirs(GENERATED, exist_ok=True)
+    path = os.path.join(GENERATED, "meprop_ops.inc")
+    text = "".join(lines)
+    if not os.path.exists(path) or open(path).read() != text:  # unchanged: keep the timestamp (no rebuild)
+        with open(path, "w") as f:
+            f.write(text)
+
+
 def _extension():
     march = os.environ.get("MEPROP_MARCH", "native")
     std = _cxx_standard()
     # -fopenmp: at::parallel_for is a header template that only runs in parallel when the including
     # translation unit is compiled with OpenMP (torch's CPU builds use the OpenMP backend).
     cxx = ["-O3", std, "-fopenmp"] + ([f"-march={march}"] if march else [])
+    _write_op_list()
+    include_dirs = [os.path.abspath(GENERATED)]
     sources = ["csrc/meprop.cpp"]
     if os.environ.get("MEPROP_CPU_KERNELS", "").strip() != "0":
         sources += sorted(glob.glob("csrc/cpu/*.cpp"))
@@ -53,9 +85,15 @@ def _extension():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc = ["-O3", std, "--expt-relaxed-constexpr"]
         return CUDAExtension(
-            "meprop._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"]
+            "meprop._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=["-fopenmp"],
         )
-    return CppExtension("meprop._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    return CppExtension(
+        "meprop._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
+    )
 
 
 setup(

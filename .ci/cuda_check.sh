@@ -44,10 +44,12 @@ start=$SECONDS
 "$venv/bin/python" setup.py -q build_ext --build-lib "$build/lib" --build-temp "$build/temp"
 echo "cuda_check: built in $((SECONDS - start)) s"
 
-"$venv/bin/python" - "$build/lib" <<'PY'
-"""Loads the built library (by path, so the tree's CPU build cannot be picked up) and checks its kernels."""
+"$venv/bin/python" - "$build/lib" build/generated/meprop_ops.inc <<'PY'
+"""Loads the built library (by path, so the tree's CPU build cannot be picked up) and checks that every op
+of the table (meprop/opdefs.py, as setup.py wrote it for this build) has a CUDA kernel."""
 import glob
 import importlib.util
+import re
 import sys
 
 import torch
@@ -55,10 +57,11 @@ import torch
 (path,) = glob.glob(f"{sys.argv[1]}/meprop/_C*.so")
 spec = importlib.util.spec_from_file_location("meprop._C", path)
 spec.loader.exec_module(importlib.util.module_from_spec(spec))
-ops = ("topk_unified", "topk_rows", "linear_input_grad_unified", "linear_weight_grad_unified",
-       "linear_input_grad_rows", "linear_weight_grad_rows", "scatter_rows")
+ops = re.findall(r"^MEPROP_OP\((\w+),", open(sys.argv[2]).read(), flags=re.M)
+if not ops:
+    sys.exit(f"cuda_check: FAILED: no ops in {sys.argv[2]}")
 missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"meprop::{op}", "CUDA")]
 if missing:
     sys.exit(f"cuda_check: FAILED: {path} lacks CUDA kernels for: {', '.join(missing)}")
-print(f"cuda_check: OK: {path} loads and has CUDA kernels for all {len(ops)} ops")
+print(f"cuda_check: OK: {path} loads and has CUDA kernels for all {len(ops)} ops: {', '.join(ops)}")
 PY

@@ -137,7 +137,7 @@ def main(argv=None):
         sizes = {tuple(int(v) for v in s.lower().split("x")): None for s in args.sizes}
     chosen = args.backends or backends.available(device)
     for name in chosen:
-        backends.resolve(name, device)  # a clear error for an unavailable backend
+        backends.resolve(name, device, dtype)  # a clear error for an unavailable backend
     variants = [v for v in VARIANTS if v[0] in args.modes]
 
     from tqdm import tqdm

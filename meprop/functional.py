@@ -13,19 +13,24 @@ The bias gradient is always dense (``sum_n dy``). ``k`` is an int (``1 <= k``) o
 (``k = ceil(r * out)``); ``k >= out`` or ``k=None`` gives exactly ``torch.nn.functional.linear``'s backward.
 NaN entries of ``dy`` rank above every number, so they are always kept and propagate into the gradients;
 ``+-inf`` entries are the largest numbers and are kept likewise.
+
+Toolchain: under ``torch.autocast`` the inputs are cast as ``nn.Linear``'s are; ``torch.compile`` (also
+``fullgraph=True``) and ``torch.export`` trace the layer; ``torch.func`` transforms (``grad``,
+``vmap(grad)``, ``jacrev``) and double backward (``create_graph=True``) differentiate through the reference
+products with the selection held fixed, so second-order gradients are exact for the kept entries.
+``sparse_grad=True`` and an explicit ``generator`` are eager-only (a clear error under ``torch.compile``).
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import math
 import numbers
-import os
 
 import torch
 import torch.nn.functional as F
 
-from . import backends
+from . import backends, reference
 from .reference import accumulate_dtype
 
 __all__ = ["MODES", "linear", "linear_backward", "resolve_k"]
@@ -54,39 +59,38 @@ def resolve_k(k, out_features: int, where: str = "meprop") -> int | None:
     return None if k >= out_features else k
 
 
-def _check_mode(mode: str, where: str) -> None:
+def check_options(mode: str, backend, where: str) -> None:
+    """Raise a ValueError naming ``where`` for an unknown ``mode`` or ``backend``."""
     if mode not in MODES:
         raise ValueError(f"{where}: mode must be one of {MODES}, got {mode!r}")
+    if backend is not None and (not isinstance(backend, str) or backend not in backends.BACKENDS):
+        raise ValueError(f"{where}: backend must be None or one of {backends.BACKENDS}, got {backend!r}")
 
 
-def _check_tensors(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+def _check_tensors(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, where: str) -> None:
     for name, t in (("input", input), ("weight", weight), ("bias", bias)):
         if t is not None and not t.is_floating_point():
-            raise TypeError(f"meprop.functional.linear: {name} must be a floating-point tensor, got {t.dtype}")
+            raise TypeError(f"{where}: {name} must be a floating-point tensor, got {t.dtype}")
         if t is not None and t.device != weight.device:
-            raise ValueError(
-                f"meprop.functional.linear: {name} is on {t.device} but weight is on {weight.device}"
-            )
+            raise ValueError(f"{where}: {name} is on {t.device} but weight is on {weight.device}")
     if weight.dim() != 2:
-        raise ValueError(f"meprop.functional.linear: weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+        raise ValueError(f"{where}: weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
     if input.dtype != weight.dtype:
-        raise TypeError(f"meprop.functional.linear: input is {input.dtype} but weight is {weight.dtype}")
+        raise TypeError(f"{where}: input is {input.dtype} but weight is {weight.dtype}")
 
 
-@functools.lru_cache(maxsize=None)
-def _resolve_backend(backend: str | None, device: torch.device, interpret: str | None) -> str:
-    return backends.resolve(backend, device)
+def _autocast(input, weight, bias):
+    """The arguments as ``nn.Linear`` sees them under ``torch.autocast``: floating tensors other than float64
+    cast to the autocast dtype of their device (unchanged when autocast is off)."""
+    device_type = input.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return input, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
 
+    def cast(t):
+        return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
 
-def _random_unified(out_features: int, k: int, generator, device) -> torch.Tensor:
-    return torch.randperm(out_features, generator=generator, device=device)[:k].sort().values
-
-
-def _random_rows(dy: torch.Tensor, k: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    # Uniform k-subsets per row: the k largest of i.i.d. uniform keys (an (N, out) temporary, like dy).
-    keys = torch.rand(dy.shape, generator=generator, device=dy.device)
-    idx = keys.topk(k, dim=1).indices.sort(dim=1).values
-    return dy.gather(1, idx), idx
+    return cast(input), cast(weight), cast(bias)
 
 
 def _row_sparse(rows: torch.Tensor, idx: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -101,7 +105,7 @@ def linear_backward(
     *,
     k: int,
     mode: str = "unified",
-    backend: str = "reference",
+    backend: str | backends.Backend = "reference",
     input_grad: bool = True,
     weight_grad: bool = True,
     bias_grad: bool = True,
@@ -110,20 +114,17 @@ def linear_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """meProp's backward of ``y = input W^T + b`` for ``grad_output`` of shape ``(..., out)``.
 
-    ``k`` is the resolved int (``1 <= k < out``) and ``backend`` a resolved backend name. Returns
-    ``(dx, dW, db)``: ``dx`` shaped like ``input``, ``dW (out, in)`` dense or, with ``sparse_grad``, a
+    ``k`` is the resolved int (``1 <= k < out``) and ``backend`` a backend name or :class:`~meprop.backends.Backend`.
+    Returns ``(dx, dW, db)``: ``dx`` shaped like ``input``, ``dW (out, in)`` dense or, with ``sparse_grad``, a
     coalesced sparse COO tensor holding only the touched rows, ``db (out,)``; None where not asked for.
     """
+    ops = backend if isinstance(backend, backends.Backend) else backends.get(backend)
     out_features, in_features = weight.shape
     dy = grad_output.reshape(-1, out_features).to(weight.dtype)
-    x = input.reshape(-1, in_features)
-    ops = backends.get(backend)
+    x = input.reshape(dy.shape[0], in_features)  # (not -1: in_features may be 0)
     dx = dw = db = None
     if mode in ("unified", "random_unified"):
-        if mode == "unified":
-            idx = ops.topk_unified(dy, k)
-        else:
-            idx = _random_unified(out_features, k, generator, dy.device)
+        idx = ops.topk_unified(dy, k) if mode == "unified" else reference.random_unified(dy, k, generator)
         if input_grad:
             dx = ops.linear_input_grad_unified(dy, weight, idx)
         if weight_grad and sparse_grad:
@@ -132,15 +133,14 @@ def linear_backward(
         elif weight_grad:
             dw = ops.scatter_rows(ops.linear_weight_grad_unified(dy, x, idx), idx, out_features)
     else:
-        vals, idx = ops.topk_rows(dy, k) if mode == "per_example" else _random_rows(dy, k, generator)
+        vals, idx = ops.topk_rows(dy, k) if mode == "per_example" else reference.random_rows(dy, k, generator)
         if input_grad:
             dx = ops.linear_input_grad_rows(vals, idx, weight)
-        if weight_grad:
-            if sparse_grad:
-                touched = torch.unique(idx)
-                dw = _row_sparse(ops.linear_weight_grad_rows(vals, idx, x, out_features, touched), touched, weight.shape)
-            else:
-                dw = ops.linear_weight_grad_rows(vals, idx, x, out_features, None)
+        if weight_grad and sparse_grad:
+            touched = torch.unique(idx)
+            dw = _row_sparse(ops.linear_weight_grad_rows(vals, idx, x, out_features, touched), touched, weight.shape)
+        elif weight_grad:
+            dw = ops.linear_weight_grad_rows(vals, idx, x, out_features, None)
     if bias_grad:
         db = dy.sum(0, dtype=accumulate_dtype(dy.dtype)).to(dy.dtype)
     if dx is not None:
@@ -148,30 +148,83 @@ def linear_backward(
     return dx, dw, db
 
 
-class _MePropLinear(torch.autograd.Function):
-    # forward(ctx, ...) rather than a separate setup_context: Function.apply then skips binding the arguments
-    # with inspect.signature on every call, which cost as much as the forward of a small layer.
+class _SparseLinear(torch.autograd.Function):
+    """Dense forward, meProp backward. ``forward(ctx, ...)`` rather than a separate ``setup_context``, so
+    that ``Function.apply`` skips binding its arguments with ``inspect`` on every call (eager, compile)."""
+
     @staticmethod
     def forward(ctx, input, weight, bias, k, mode, backend, sparse_grad, generator):
-        ctx.save_for_backward(input, weight)
-        ctx.options = dict(k=k, mode=mode, backend=backend, sparse_grad=sparse_grad, generator=generator)
-        ctx.has_bias = bias is not None
+        _SparseLinear._save(ctx, input, weight, bias, k, mode, backend, sparse_grad, generator)
         return F.linear(input, weight, bias)
+
+    @staticmethod
+    def _save(ctx, input, weight, bias, k, mode, backend, sparse_grad, generator):
+        ctx.save_for_backward(input, weight)
+        ctx.k, ctx.mode, ctx.backend, ctx.sparse_grad, ctx.generator = k, mode, backend, sparse_grad, generator
+        ctx.has_bias = bias is not None
 
     @staticmethod
     def backward(ctx, grad_output):
         input, weight = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        dx, dw, db = linear_backward(
-            grad_output,
-            input,
-            weight,
-            input_grad=need_dx,
-            weight_grad=need_dw,
-            bias_grad=need_db and ctx.has_bias,
-            **ctx.options,
-        )
+        # Differentiating again (create_graph, torch.func): the reference products are PyTorch ops, so
+        # autograd and functorch see through them; their selection equals the kernels' by contract.
+        backend = "reference" if torch.is_grad_enabled() else ctx.backend
+        device_type = grad_output.device.type
+        with torch.autocast(device_type, enabled=False) if _autocast_on(device_type) else contextlib.nullcontext():
+            dx, dw, db = linear_backward(
+                grad_output,
+                input,
+                weight,
+                k=ctx.k,
+                mode=ctx.mode,
+                backend=backends.loaded(backend),
+                input_grad=need_dx,
+                weight_grad=need_dw,
+                bias_grad=need_db and ctx.has_bias,
+                sparse_grad=ctx.sparse_grad,
+                generator=ctx.generator,
+            )
         return dx, dw, db, None, None, None, None, None
+
+
+class _SparseLinearTransformable(_SparseLinear):
+    """:class:`_SparseLinear` in the form ``torch.func`` transforms need (``setup_context``, a vmap rule)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, weight, bias, k, mode, backend, sparse_grad, generator):
+        return F.linear(input, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _SparseLinear._save(ctx, *inputs)
+
+
+def _autocast_on(device_type: str) -> bool:
+    return device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
+
+
+def sparse_linear(input, weight, bias, k: int | None, mode: str, backend, sparse_grad: bool, generator, where: str):
+    """:func:`linear` with checked options and a resolved ``k`` (the per-call path of ``meprop.Linear``)."""
+    input, weight, bias = _autocast(input, weight, bias)
+    needs_grad = torch.is_grad_enabled() and (
+        input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    if k is None or not needs_grad:
+        return F.linear(input, weight, bias)
+    _check_tensors(input, weight, bias, where)
+    name = backends.resolve(backend, weight.device, weight.dtype, k).name
+    if torch.compiler.is_compiling() and (sparse_grad or generator is not None):
+        raise RuntimeError(
+            f"{where}: sparse_grad=True and an explicit generator work in eager mode only; under torch.compile use "
+            "sparse_grad=False and seed the global random generator (torch.manual_seed) instead"
+        )
+    function = _SparseLinear
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        function = _SparseLinearTransformable
+    return function.apply(input, weight, bias, k, mode, name, sparse_grad, generator)
 
 
 def linear(
@@ -195,17 +248,12 @@ def linear(
         backend: ``None`` (automatic) or one of :data:`meprop.backends.BACKENDS`.
         sparse_grad: make the weight gradient a sparse COO tensor holding only the touched rows (for
             optimizers that take sparse gradients: ``torch.optim.SGD``, ``Adagrad``, ``SparseAdam``).
-        generator: random source of the random modes.
+        generator: random source of the random modes (eager mode only).
 
     Returns:
         ``(..., out)``, equal to ``torch.nn.functional.linear(input, weight, bias)``.
     """
     where = "meprop.functional.linear"
-    _check_mode(mode, where)
-    _check_tensors(input, weight, bias)
+    check_options(mode, backend, where)
     k = resolve_k(k, weight.shape[0], where)
-    name = _resolve_backend(backend, weight.device, os.environ.get("TRITON_INTERPRET"))
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
-    if k is None or not needs_grad:
-        return F.linear(input, weight, bias)
-    return _MePropLinear.apply(input, weight, bias, k, mode, name, sparse_grad, generator)
+    return sparse_linear(input, weight, bias, k, mode, backend, sparse_grad, generator, where)

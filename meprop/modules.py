@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import backends, functional
+from . import functional
 
 __all__ = ["Linear", "convert"]
 
@@ -39,16 +39,51 @@ class Linear(nn.Linear):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        where = f"meprop.Linear({in_features}, {out_features})"
-        functional.resolve_k(k, out_features, where)  # validates k
-        functional._check_mode(mode, where)
-        if backend is not None and backend not in backends.BACKENDS:
-            raise ValueError(f"{where}: backend must be None or one of {backends.BACKENDS}, got {backend!r}")
         self.k = k
         self.mode = mode
         self.backend = backend
         self.sparse_grad = sparse_grad
         self.generator = generator
+
+    @property
+    def _where(self) -> str:
+        return f"meprop.Linear({self.in_features}, {self.out_features})"
+
+    @property
+    def k(self):
+        """Kept entries as given (int, ratio or None); checked when set."""
+        return self._k
+
+    @k.setter
+    def k(self, value) -> None:
+        self._resolved = (self.out_features, functional.resolve_k(value, self.out_features, self._where))
+        self._k = value
+
+    def _resolved_k(self) -> int | None:
+        """``k`` as an int for the current ``out_features`` (which meSimp's pruning changes), or None."""
+        if self._resolved[0] != self.out_features:
+            self.k = self._k
+        return self._resolved[1]
+
+    @property
+    def mode(self) -> str:
+        """One of :data:`meprop.functional.MODES`; checked when set."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        functional.check_options(value, None, self._where)
+        self._mode = value
+
+    @property
+    def backend(self) -> str | None:
+        """None (automatic) or a name of :data:`meprop.backends.BACKENDS`; checked when set."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str | None) -> None:
+        functional.check_options("unified", value, self._where)
+        self._backend = value
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **options) -> Linear:
@@ -59,15 +94,16 @@ class Linear(nn.Linear):
         return layer
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return functional.linear(
+        return functional.sparse_linear(
             input,
             self.weight,
             self.bias,
-            k=self.k,
-            mode=self.mode,
-            backend=self.backend,
-            sparse_grad=self.sparse_grad,
-            generator=self.generator,
+            self._resolved_k(),
+            self._mode,
+            self._backend,
+            self.sparse_grad,
+            self.generator,
+            self._where,
         )
 
     def extra_repr(self) -> str:

@@ -1,23 +1,33 @@
-"""Pure-PyTorch reference implementation of every meprop op.
+"""Pure-PyTorch reference implementation of every meprop op: the semantics every backend reproduces.
 
-This module defines the semantics that every backend (CPU C++, CUDA, Triton) must reproduce; the tests
-compare each backend against it. Shapes use the notation of a linear layer ``y = x W^T + b`` with
-``x: (N, in)``, ``W: (out, in)`` and the output gradient ``dy: (N, out)``.
+Each function validates its arguments with the op's checks (:mod:`meprop.opdefs`), exactly as the CPU,
+CUDA and Triton kernels do, so every backend rejects the same inputs with the same exception. Shapes use a
+linear layer ``y = x W^T + b`` with ``x: (N, in)``, ``W: (out, in)`` and the output gradient ``dy: (N, out)``.
 
 Selection order: a larger score comes first; equal scores come in increasing index order; NaN counts as
 larger than every number (so a NaN gradient is always kept and propagates instead of being dropped).
 Products accumulate in float32 for float16/bfloat16 inputs (float64 for float64) and return the input
-dtype.
+dtype. The per-example products are sums over the kept entries only: a weight-gradient row that no
+example selected is exactly zero even where ``x`` holds inf or NaN, and an index repeated within a row
+counts as often as it appears. The random selections (:func:`random_unified`, :func:`random_rows`) are
+the random-k baseline and are shared by every backend.
+
+Every function is differentiable in its float arguments (used for double backward) and runs on any
+device, the meta device included.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .opdefs import OPS
+
 __all__ = [
     "accumulate_dtype",
     "topk_unified",
     "topk_rows",
+    "random_unified",
+    "random_rows",
     "linear_input_grad_unified",
     "linear_weight_grad_unified",
     "linear_input_grad_rows",
@@ -42,7 +52,8 @@ def topk_unified(dy: torch.Tensor, k: int) -> torch.Tensor:
 
     Returns int64 indices of shape ``(k,)`` in selection order (largest score first).
     """
-    scores = dy.abs().sum(0, dtype=accumulate_dtype(dy.dtype))
+    OPS["topk_unified"].check(dy, k)
+    scores = dy.detach().abs().sum(0, dtype=accumulate_dtype(dy.dtype))
     return _order_desc(scores, 0)[:k].contiguous()
 
 
@@ -52,32 +63,51 @@ def topk_rows(dy: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     Returns ``(vals, idx)``, both ``(N, k)``: the signed values ``dy[n, idx[n]]`` (dy's dtype) and int64
     column indices, each row in selection order.
     """
-    idx = _order_desc(dy.abs(), 1)[:, :k].contiguous()
+    OPS["topk_rows"].check(dy, k)
+    idx = _order_desc(dy.detach().abs(), 1)[:, :k].contiguous()
+    return dy.gather(1, idx), idx
+
+
+def random_unified(dy: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random-k baseline of :func:`topk_unified`: ``k`` distinct columns of ``dy`` drawn uniformly, ascending."""
+    OPS["topk_unified"].check(dy, k)
+    return torch.randperm(dy.shape[1], generator=generator, device=dy.device)[:k].sort().values
+
+
+def random_rows(
+    dy: torch.Tensor, k: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random-k baseline of :func:`topk_rows`: per row, ``k`` distinct columns drawn uniformly, ascending."""
+    OPS["topk_rows"].check(dy, k)
+    # Uniform k-subsets per row: the k largest of i.i.d. uniform keys (an (N, out) temporary, like dy).
+    keys = torch.rand(dy.shape, generator=generator, device=dy.device)
+    idx = keys.topk(k, dim=1).indices.sort(dim=1).values
     return dy.gather(1, idx), idx
 
 
 def linear_input_grad_unified(dy: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``dx (N, in) = dy[:, idx] @ W[idx, :]`` for ``dy (N, out)``, ``W (out, in)``, ``idx (k,)``."""
+    OPS["linear_input_grad_unified"].check(dy, weight, idx)
     acc = accumulate_dtype(dy.dtype)
     return (dy.index_select(1, idx).to(acc) @ weight.index_select(0, idx).to(acc)).to(dy.dtype)
 
 
 def linear_weight_grad_unified(dy: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """The kept rows of the weight gradient: ``dW_rows (k, in) = dy[:, idx]^T @ x``."""
+    OPS["linear_weight_grad_unified"].check(dy, x, idx)
     acc = accumulate_dtype(dy.dtype)
     return (dy.index_select(1, idx).to(acc).t() @ x.to(acc)).to(dy.dtype)
 
 
-def _rows_dense_dy(vals: torch.Tensor, idx: torch.Tensor, out_features: int) -> torch.Tensor:
-    """The dense ``(N, out)`` gradient that holds ``vals`` at ``idx`` and zeros elsewhere."""
-    dense = vals.new_zeros((vals.shape[0], out_features), dtype=accumulate_dtype(vals.dtype))
-    return dense.scatter_(1, idx, vals.to(dense.dtype))
-
-
 def linear_input_grad_rows(vals: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Per-example sparse product ``dx[n] = sum_j vals[n, j] * W[idx[n, j], :]``; ``dx`` is ``(N, in)``."""
-    dense = _rows_dense_dy(vals, idx, weight.shape[0])
-    return (dense @ weight.to(dense.dtype)).to(vals.dtype)
+    """Per-example sparse product ``dx[n] = sum_i vals[n, i] * W[idx[n, i], :]``; ``dx`` is ``(N, in)``."""
+    OPS["linear_input_grad_rows"].check(vals, idx, weight)
+    acc = accumulate_dtype(vals.dtype)
+    w = weight.to(acc)
+    dx = vals.new_zeros((vals.shape[0], weight.shape[1]), dtype=acc)
+    for i in range(vals.shape[1]):  # one kept entry per row at a time: (N, in) temporaries only
+        dx = dx + vals[:, i : i + 1].to(acc) * w.index_select(0, idx[:, i])
+    return dx.to(vals.dtype)
 
 
 def linear_weight_grad_rows(
@@ -89,21 +119,24 @@ def linear_weight_grad_rows(
 ) -> torch.Tensor:
     """Per-example weight gradient ``dW[j] = sum over (n, i) with idx[n, i] == j of vals[n, i] * x[n]``.
 
-    With ``rows=None`` the result is the dense ``(out_features, in)`` gradient; with ``rows`` (sorted,
-    unique int64 row ids, shape ``(r,)``) it is just those rows, shape ``(r, in)``.
+    With ``rows=None`` the result is the dense ``(out_features, in)`` gradient; with ``rows`` (distinct int64
+    row ids in any order, shape ``(r,)``) it is ``dW[rows]``, shape ``(r, in)``.
     """
-    dense = _rows_dense_dy(vals, idx, out_features)
+    OPS["linear_weight_grad_rows"].check(vals, idx, x, out_features, rows)
+    acc = accumulate_dtype(vals.dtype)
+    xa = x.to(acc)
+    dw = vals.new_zeros((out_features, x.shape[1]), dtype=acc)
+    for i in range(vals.shape[1]):
+        dw = dw.index_add(0, idx[:, i], vals[:, i : i + 1].to(acc) * xa)
     if rows is not None:
-        dense = dense.index_select(1, rows)
-    return (dense.t() @ x.to(dense.dtype)).to(vals.dtype)
+        dw = dw.index_select(0, rows)
+    return dw.to(vals.dtype)
 
 
 def scatter_rows(rows: torch.Tensor, idx: torch.Tensor, out_features: int) -> torch.Tensor:
     """Dense ``(out_features, in)`` matrix holding ``rows[i]`` at row ``idx[i]`` and zeros elsewhere.
 
-    ``idx`` must hold unique indices in ``[0, out_features)``.
+    ``idx`` must hold distinct indices in ``[0, out_features)``.
     """
-    if idx.numel() != torch.unique(idx).numel():
-        raise ValueError("scatter_rows: idx holds duplicate row indices")
-    dense = rows.new_zeros((out_features, rows.shape[1]))
-    return dense.index_copy_(0, idx, rows)
+    OPS["scatter_rows"].check(rows, idx, out_features)
+    return rows.new_zeros((out_features, rows.shape[1])).index_copy(0, idx, rows)

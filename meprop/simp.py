@@ -114,7 +114,7 @@ class Simplifier:
         if k is None:
             counts += dy.shape[0]
             return
-        ops = backends.get(backends.resolve(layer.backend, dy.device))
+        ops = backends.resolve(layer.backend, dy.device, dy.dtype, k)
         if layer.mode == "unified":
             counts[ops.topk_unified(dy, k).cpu()] += dy.shape[0]
         else:

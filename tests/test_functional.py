@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DTYPES, assert_close, tie_free_columns, tie_free_rows
+from conformance import ALL_DTYPES as DTYPES
+from conformance import assert_close, tie_free_columns, tie_free_rows
 
 import meprop
 from meprop import backends, functional, reference
@@ -32,6 +33,8 @@ def tie_free_dy(mode, shape, dtype, gen):
 @pytest.mark.parametrize("mode", functional.MODES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_backend_matches_reference(backend, mode, dtype, gen):
+    if dtype not in backends.get(backend).dtypes:
+        pytest.skip(f"backend {backend!r} does not take {dtype}")
     for lead, i, o, k in [((6,), 9, 12, 1), ((3, 5), 20, 33, 7), ((2, 2, 4), 8, 40, 39)]:
         x = torch.randn(*lead, i, generator=gen).to(dtype)
         w, b = torch.randn(o, i, generator=gen).to(dtype), torch.randn(o, generator=gen).to(dtype)
@@ -104,15 +107,13 @@ def test_bad_inputs():
         functional.linear(torch.randn(2, 3), w, k=2, mode="topk")
     with pytest.raises(TypeError, match="floating-point"):
         functional.linear(torch.ones(2, 3, dtype=torch.long), w, k=2)
-    with pytest.raises(TypeError, match="floating-point"):
-        functional.linear(torch.ones(2, 3, dtype=torch.long), w.long(), k=2)
     with pytest.raises(TypeError, match="float64 but weight is torch.float32"):
         functional.linear(torch.randn(2, 3, dtype=torch.float64), w, k=2)
     with pytest.raises(ValueError, match="is on meta but weight is on cpu"):
         functional.linear(torch.randn(2, 3, device="meta"), w, k=2)
-    with pytest.raises(ValueError, match="unknown backend"):
+    with pytest.raises(ValueError, match="backend must be None or one of"):
         functional.linear(torch.randn(2, 3), w, k=2, backend="gpu")
-    with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable"):
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run this case"):
         functional.linear(torch.randn(2, 3), w, k=2, backend="cuda")
 
 
@@ -122,7 +123,7 @@ def test_nan_in_dy_propagates_instead_of_being_dropped():
         dy = torch.randn(4, 10)
         dy[1, 3] = float("nan")
         dx, dw, _ = grads("reference", x, w, torch.zeros(10), dy, k=2, mode=mode)
-        dx2, dw2, _ = grads(backends.resolve(None, torch.device("cpu")), x, w, torch.zeros(10), dy, k=2, mode=mode)
+        dx2, dw2, _ = grads(backends.resolve(None, torch.device("cpu")).name, x, w, torch.zeros(10), dy, k=2, mode=mode)
         for g in (dx, dx2):
             assert torch.isnan(g[1]).all()
         for g in (dw, dw2):

@@ -1,52 +1,89 @@
-"""Hypothesis property tests: the CPU kernels equal the reference on arbitrary small shapes."""
+"""Hypothesis property tests: every backend equals the formula oracle on arbitrary small cases.
+
+Each example runs a whole selection-and-products pipeline (4 ops) on fresh random inputs: 500 examples of
+each of the two pipelines per backend, derandomized (the same cases every run; see conftest.py).
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close, tie_free_columns, tie_free_rows
+from conformance import (
+    BACKEND_DEVICES,
+    assert_matches,
+    assert_zero_outside,
+    dtypes_of,
+    gaussian,
+    max_k,
+    oracle,
+    tie_free_columns,
+    tie_free_rows,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meprop import ops, reference
+from meprop import backends
 
-pytestmark = pytest.mark.skipif(not ops.has_kernels("cpu"), reason=f"no CPU kernels: {ops.EXTENSION_ERROR}")
+EXAMPLES = 500
 
 
 @st.composite
-def cases(draw):
+def cases(draw, name: str):
     n = draw(st.integers(0, 24))
-    i = draw(st.integers(1, 24))
-    o = draw(st.integers(2, 48))
-    k = draw(st.integers(1, o - 1))
-    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    n_in = draw(st.integers(0, 24))
+    out = draw(st.integers(2, 48))
+    k = draw(st.integers(1, min(out, max_k(name))))
+    dtype = draw(st.sampled_from(dtypes_of(name)))
     seed = draw(st.integers(0, 2**31 - 1))
-    return n, i, o, k, dtype, torch.Generator().manual_seed(seed)
+    return n, n_in, out, k, dtype, torch.Generator().manual_seed(seed)
 
 
-@settings(max_examples=60, deadline=None)
-@given(cases())
-def test_unified_pipeline(case):
-    n, i, o, k, dtype, gen = case
-    dy = tie_free_columns(n, o, dtype, gen)
-    x, w = torch.randn(n, i, generator=gen, dtype=dtype), torch.randn(o, i, generator=gen, dtype=dtype)
-    idx = ops.topk_unified(dy, k)
-    if n:
-        assert torch.equal(idx, reference.topk_unified(dy, k))
-    assert_close(ops.linear_input_grad_unified(dy, w, idx), reference.linear_input_grad_unified(dy, w, idx))
-    rows = ops.linear_weight_grad_unified(dy, x, idx)
-    assert_close(rows, reference.linear_weight_grad_unified(dy, x, idx))
-    assert torch.equal(ops.scatter_rows(rows, idx, o), reference.scatter_rows(rows, idx, o))
+def _inputs(case, device, make_dy):
+    n, n_in, out, k, dtype, gen = case
+    dy = make_dy(n, out, dtype, gen, device)
+    return dy, gaussian((n, n_in), dtype, gen, device), gaussian((out, n_in), dtype, gen, device), k, dtype
 
 
-@settings(max_examples=60, deadline=None)
-@given(cases())
-def test_per_example_pipeline(case):
-    n, i, o, k, dtype, gen = case
-    dy = tie_free_rows(n, o, dtype, gen)
-    x, w = torch.randn(n, i, generator=gen, dtype=dtype), torch.randn(o, i, generator=gen, dtype=dtype)
-    vals, idx = ops.topk_rows(dy, k)
-    ref_vals, ref_idx = reference.topk_rows(dy, k)
-    assert torch.equal(idx, ref_idx) and torch.equal(vals, ref_vals)
-    assert_close(ops.linear_input_grad_rows(vals, idx, w), reference.linear_input_grad_rows(vals, idx, w))
-    assert_close(ops.linear_weight_grad_rows(vals, idx, x, o, None), reference.linear_weight_grad_rows(vals, idx, x, o))
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
+def test_unified_pipeline(backend_device):
+    name, device = backend_device
+    ops = backends.get(name)
+
+    @settings(max_examples=EXAMPLES)
+    @given(cases(name))
+    def run(case):
+        dy, x, w, k, dtype = _inputs(case, device, tie_free_columns)
+        idx = ops.topk_unified(dy, k)
+        assert torch.equal(idx.cpu(), oracle("topk_unified", dy, k))
+        assert_matches(ops.linear_input_grad_unified(dy, w, idx), oracle("linear_input_grad_unified", dy, w, idx), dtype, device)
+        rows = ops.linear_weight_grad_unified(dy, x, idx)
+        assert_matches(rows, oracle("linear_weight_grad_unified", dy, x, idx), dtype, device)
+        dense = ops.scatter_rows(rows, idx, dy.shape[1])
+        assert torch.equal(dense.cpu().double(), oracle("scatter_rows", rows, idx, dy.shape[1]))
+        assert_zero_outside(dense, idx)
+
+    run()
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
+def test_per_example_pipeline(backend_device):
+    name, device = backend_device
+    ops = backends.get(name)
+
+    @settings(max_examples=EXAMPLES)
+    @given(cases(name))
+    def run(case):
+        dy, x, w, k, dtype = _inputs(case, device, tie_free_rows)
+        out = dy.shape[1]
+        vals, idx = ops.topk_rows(dy, k)
+        want_vals, want_idx = oracle("topk_rows", dy, k)
+        assert torch.equal(idx.cpu(), want_idx) and torch.equal(vals.cpu().double(), want_vals)
+        assert_matches(ops.linear_input_grad_rows(vals, idx, w), oracle("linear_input_grad_rows", vals, idx, w), dtype, device)
+        dense = ops.linear_weight_grad_rows(vals, idx, x, out, None)
+        assert_matches(dense, oracle("linear_weight_grad_rows", vals, idx, x, out, None), dtype, device)
+        assert_zero_outside(dense, torch.unique(idx.cpu()))
+        rows = torch.arange(out - 1, -1, -2, device=device)  # every other row, descending
+        got = ops.linear_weight_grad_rows(vals, idx, x, out, rows)
+        assert_matches(got, oracle("linear_weight_grad_rows", vals, idx, x, out, rows), dtype, device)
+
+    run()

@@ -5,14 +5,18 @@ Triton fixes its mode when it is imported: with ``TRITON_INTERPRET=1`` in the en
 tensors; otherwise they compile for the GPU. :data:`INTERPRETED` records which of the two this process got.
 """
 
+import functools
 import os
 
 import torch
 import triton
+from meprop.opdefs import OPS
 
-__all__ = ["INTERPRETED", "HAS_TRITON_OP", "NAMESPACE", "autotune", "launch", "library_op"]
+__all__ = ["DTYPES", "INTERPRETED", "HAS_TRITON_OP", "MAX_K", "NAMESPACE", "autotune", "launch", "library_op"]
 
 NAMESPACE = "meprop_triton"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_K = 256  # the largest k of the top-k selection kernels (the kept keys live in registers)
 
 
 def _interpreted() -> bool:
@@ -23,6 +27,26 @@ def _interpreted() -> bool:
 
 
 INTERPRETED = _interpreted()
+_DEVICE = "cpu" if INTERPRETED else "cuda"
+
+
+def _check_limits(name: str, args: tuple) -> None:
+    """What the Triton kernels take beyond the op contract: their device, float dtypes and largest k."""
+    for t in args:
+        if isinstance(t, torch.Tensor):
+            torch._check_value(
+                t.device.type == _DEVICE,
+                lambda: f"meprop.{name}: the Triton kernels take {_DEVICE.upper()} tensors here "
+                f"({'interpreter' if INTERPRETED else 'compiled'} mode), got one on {t.device}",
+            )
+            torch._check_type(
+                not t.is_floating_point() or t.dtype in DTYPES,
+                lambda: f"meprop.{name}: the Triton kernels take float32, float16 or bfloat16 tensors, got {t.dtype}",
+            )
+    if name.startswith("topk_"):
+        torch._check_value(
+            args[1] <= MAX_K, lambda: f"meprop.{name}: the Triton top-k kernels take k <= {MAX_K}, got k={args[1]}"
+        )
 
 # torch >= 2.6 can trace Triton launches inside a triton_op; older torch gets a plain custom op.
 HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
@@ -40,19 +64,28 @@ def launch(kernel):
     return kernel
 
 
-def library_op(name: str, fake):
-    """Register the decorated launcher as the op ``meprop_triton::<name>`` and return the op.
+def library_op(name: str):
+    """Register the decorated launcher as the op ``meprop_triton::<name>`` of ``meprop.opdefs.OPS[name]``.
 
-    A ``torch.library.triton_op`` where available (torch.compile then sees the Triton kernels); otherwise a
-    ``torch.library.custom_op`` with ``fake`` as its shape function.
+    The op has the table's schema and runs the table's argument checks before the launcher. It is a
+    ``torch.library.triton_op`` where available (torch.compile then sees the Triton kernels, and traces the
+    checks and the launcher for the fake kernel); otherwise, and in the interpreter (whose launches run the
+    kernels, which fake tensors cannot), a ``torch.library.custom_op`` whose fake kernel is the table's.
     """
+    opdef = OPS[name]
     qualname = f"{NAMESPACE}::{name}"
 
-    def register(fn):
-        if HAS_TRITON_OP:
-            return torch.library.triton_op(qualname, mutates_args=())(fn)
-        op = torch.library.custom_op(qualname, mutates_args=())(fn)
-        op.register_fake(fake)
+    def register(launcher):
+        @functools.wraps(launcher)
+        def checked(*args):
+            opdef.check(*args)
+            _check_limits(name, args)
+            return launcher(*args)
+
+        if HAS_TRITON_OP and not INTERPRETED:
+            return torch.library.triton_op(qualname, checked, mutates_args=(), schema=opdef.signature)
+        op = torch.library.custom_op(qualname, checked, mutates_args=(), schema=opdef.signature)
+        op.register_fake(opdef.fake)
         return op
 
     return register

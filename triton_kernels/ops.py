@@ -1,7 +1,9 @@
 """The launchers of the Triton kernels, registered as the ops ``torch.ops.meprop_triton.*``.
 
-They take already-validated arguments (see the package's public functions) and allocate every output;
-each output element is written by a kernel, nothing is zero-filled first.
+Each op validates its arguments first, with the checks of its entry in :data:`meprop.opdefs.OPS` (the same
+checks, exceptions and messages as every other backend; index values are checked with an asynchronous
+device assertion on CUDA), then allocates every output; each output element is written by a kernel,
+nothing is zero-filled first.
 """
 
 from typing import Optional
@@ -34,7 +36,7 @@ def _topk_plan(n_cols: int, k: int) -> dict:
     return {"LOG_K": k_pad.bit_length() - 1, "LOG_CHUNK": chunk.bit_length() - 1, "ROWS": rows}
 
 
-@library_op("topk_rows", fake=lambda dy, k: (dy.new_empty(dy.shape[0], k), dy.new_empty(dy.shape[0], k, dtype=torch.long)))
+@library_op("topk_rows")
 def topk_rows(dy: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row top-k of ``|dy| (N, out)``: ``(vals, idx)``, both ``(N, k)``, ``1 <= k <= min(out, 256)``."""
     dy = dy.contiguous()
@@ -51,7 +53,7 @@ def topk_rows(dy: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return vals, idx
 
 
-@library_op("topk_unified", fake=lambda dy, k: dy.new_empty(k, dtype=torch.long))
+@library_op("topk_unified")
 def topk_unified(dy: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k`` columns of ``dy (N, out)`` of largest ``sum_n |dy[n, j]|``, int64 ``(k,)``.
 
@@ -82,12 +84,10 @@ def _gemm_grid(m: int, n: int):
     return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
 
 
-@library_op(
-    "linear_input_grad_unified",
-    fake=lambda dy, weight, idx: dy.new_empty(dy.shape[0], weight.shape[1]),
-)
+@library_op("linear_input_grad_unified")
 def linear_input_grad_unified(dy: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``dx (N, in) = dy[:, idx] @ W[idx, :]``, W's rows gathered inside the GEMM."""
+    idx = idx.contiguous()  # the kernel walks idx with unit stride (dy and W may have any strides)
     n_rows, n_in = dy.shape[0], weight.shape[1]
     dx = dy.new_empty((n_rows, n_in))
     if dx.numel() == 0:
@@ -98,12 +98,10 @@ def linear_input_grad_unified(dy: torch.Tensor, weight: torch.Tensor, idx: torch
     return dx
 
 
-@library_op(
-    "linear_weight_grad_unified",
-    fake=lambda dy, x, idx: dy.new_empty(idx.shape[0], x.shape[1]),
-)
+@library_op("linear_weight_grad_unified")
 def linear_weight_grad_unified(dy: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """The kept weight-gradient rows ``(k, in) = dy[:, idx]^T @ x``."""
+    idx = idx.contiguous()  # the kernel walks idx with unit stride (dy and x may have any strides)
     k, n_in = idx.shape[0], x.shape[1]
     rows = dy.new_empty((k, n_in))
     if rows.numel() == 0:
@@ -114,10 +112,7 @@ def linear_weight_grad_unified(dy: torch.Tensor, x: torch.Tensor, idx: torch.Ten
     return rows
 
 
-@library_op(
-    "linear_input_grad_rows",
-    fake=lambda vals, idx, weight: vals.new_empty(vals.shape[0], weight.shape[1]),
-)
+@library_op("linear_input_grad_rows")
 def linear_input_grad_rows(vals: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``dx[n] = sum_j vals[n, j] * W[idx[n, j], :]``, ``dx (N, in)``."""
     vals, idx, weight = vals.contiguous(), idx.contiguous(), weight.contiguous()
@@ -132,11 +127,7 @@ def linear_input_grad_rows(vals: torch.Tensor, idx: torch.Tensor, weight: torch.
     return dx
 
 
-def _fake_weight_grad_rows(vals, idx, x, out_features, rows=None):
-    return vals.new_empty(out_features if rows is None else rows.shape[0], x.shape[1])
-
-
-@library_op("linear_weight_grad_rows", fake=_fake_weight_grad_rows)
+@library_op("linear_weight_grad_rows")
 def linear_weight_grad_rows(
     vals: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, out_features: int, rows: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
@@ -162,7 +153,7 @@ def linear_weight_grad_rows(
     return dw
 
 
-@library_op("scatter_rows", fake=lambda rows, idx, out_features: rows.new_empty(out_features, rows.shape[1]))
+@library_op("scatter_rows")
 def scatter_rows(rows: torch.Tensor, idx: torch.Tensor, out_features: int) -> torch.Tensor:
     """Dense ``(out_features, in)`` holding ``rows[i]`` at row ``idx[i]`` (unique) and zeros elsewhere."""
     rows = rows.contiguous()

@@ -1,28 +1,19 @@
-// Helpers shared by the CPU kernels: accumulation types, the selection order, argument checks and grain
-// sizes.
+// Helpers shared by the CPU kernels: the selection order, index-value checks and grain sizes (the
+// accumulation type and the other argument checks are in csrc/common.h, shared with the CUDA kernels).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
-namespace meprop::cpu {
+#include "../common.h"
 
-// Products and sums of half/bfloat16/float inputs accumulate in float, of double inputs in double.
-template <typename T>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
-template <typename T>
-using acc_t = typename Acc<T>::type;
+namespace meprop::cpu {
 
 // The selection order of every meprop op: a ranks before b when its score is larger, NaN ranking above
 // every number, and equal scores by lower index.
@@ -34,32 +25,29 @@ inline bool ranks_before(S a, int64_t ia, S b, int64_t ib) {
   return ia < ib;
 }
 
-inline void check_matrix(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
-              " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
-}
-
-inline void check_same(const at::Tensor& a, const at::Tensor& b, const char* op, const char* na,
-                       const char* nb) {
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", na, " and ", nb,
-              " must have the same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
-  TORCH_CHECK(a.device() == b.device(), op, ": ", na, " and ", nb, " must be on the same device, got ",
-              a.device(), " and ", b.device());
-}
-
-// Checks that idx is an int64 tensor of `dims` dimensions on `like`'s device with values in [0, bound).
-inline void check_index(const at::Tensor& idx, int64_t dims, int64_t bound, const at::Tensor& like,
-                        const char* op) {
-  TORCH_CHECK(idx.scalar_type() == at::kLong, op, ": idx must be int64, got ", idx.scalar_type());
-  TORCH_CHECK(idx.dim() == dims, op, ": idx must be ", dims, "-D, got shape ", idx.sizes());
-  TORCH_CHECK(idx.device() == like.device(), op, ": idx must be on ", like.device(), ", got ",
-              idx.device());
-  if (idx.numel() > 0) {
-    const auto lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < bound, op, ": idx values must lie in [0, ", bound, "), got [", lo, ", ",
-                hi, "]");
+// Index values of a CPU index tensor (the twin of meprop.checks.index_values): every value in [0, bound)
+// (IndexError) and, with `distinct`, none repeated (ValueError, naming the smallest repeated value).
+inline void index_values(const char* op, const char* name, const at::Tensor& idx_in, int64_t bound,
+                         bool distinct = false) {
+  if (idx_in.numel() == 0) return;
+  const at::Tensor idx = idx_in.contiguous();
+  const int64_t* p = idx.const_data_ptr<int64_t>();
+  const int64_t n = idx.numel();
+  int64_t lo = p[0], hi = p[0];
+  for (int64_t i = 1; i < n; ++i) {
+    lo = std::min(lo, p[i]);
+    hi = std::max(hi, p[i]);
   }
+  TORCH_CHECK_INDEX(lo >= 0 && hi < bound, "meprop.", op, ": ", name, " values must lie in [0, ", bound,
+                    "), got [", lo, ", ", hi, "]");
+  if (!distinct) return;
+  std::vector<char> seen(bound, 0);
+  int64_t repeated = bound;
+  for (int64_t i = 0; i < n; ++i) {
+    if (seen[p[i]]) repeated = std::min(repeated, p[i]);
+    seen[p[i]] = 1;
+  }
+  TORCH_CHECK_VALUE(repeated == bound, "meprop.", op, ": ", name, " holds ", repeated, " more than once");
 }
 
 // Grain sizes for at::parallel_for, in rows, so that one task is worth a thread's start-up.

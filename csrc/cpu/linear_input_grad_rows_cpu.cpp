@@ -9,13 +9,8 @@ namespace {
 
 at::Tensor linear_input_grad_rows_cpu(const at::Tensor& vals_in, const at::Tensor& idx_in,
                                       const at::Tensor& weight_in) {
-  constexpr const char* op = "linear_input_grad_rows";
-  check_matrix(vals_in, op, "vals");
-  check_matrix(weight_in, op, "weight");
-  check_same(vals_in, weight_in, op, "vals", "weight");
-  check_index(idx_in, 2, weight_in.size(0), vals_in, op);
-  TORCH_CHECK(idx_in.sizes() == vals_in.sizes(), op, ": idx and vals must have the same shape, got ",
-              idx_in.sizes(), " and ", vals_in.sizes());
+  checks::linear_input_grad_rows(vals_in, idx_in, weight_in);
+  index_values("linear_input_grad_rows", "idx", idx_in, weight_in.size(0));
   const at::Tensor vals = vals_in.contiguous(), idx = idx_in.contiguous(), weight = weight_in.contiguous();
   const int64_t n_rows = vals.size(0), k = vals.size(1), n_in = weight.size(1);
   at::Tensor dx = empty_for_write({n_rows, n_in}, vals.options());

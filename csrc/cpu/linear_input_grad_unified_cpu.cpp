@@ -10,13 +10,8 @@ namespace {
 
 at::Tensor linear_input_grad_unified_cpu(const at::Tensor& dy_in, const at::Tensor& weight_in,
                                          const at::Tensor& idx_in) {
-  constexpr const char* op = "linear_input_grad_unified";
-  check_matrix(dy_in, op, "dy");
-  check_matrix(weight_in, op, "weight");
-  check_same(dy_in, weight_in, op, "dy", "weight");
-  TORCH_CHECK(dy_in.size(1) == weight_in.size(0), op, ": dy has ", dy_in.size(1),
-              " columns but weight has ", weight_in.size(0), " rows");
-  check_index(idx_in, 1, weight_in.size(0), dy_in, op);
+  checks::linear_input_grad_unified(dy_in, weight_in, idx_in);
+  index_values("linear_input_grad_unified", "idx", idx_in, weight_in.size(0));
   const at::Tensor dy = dy_in.contiguous(), weight = weight_in.contiguous(), idx = idx_in.contiguous();
   const int64_t n_rows = dy.size(0), n_out = dy.size(1), n_in = weight.size(1), k = idx.size(0);
   at::Tensor dx = empty_for_write({n_rows, n_in}, dy.options());

@@ -12,15 +12,9 @@ namespace {
 at::Tensor linear_weight_grad_rows_cpu(const at::Tensor& vals_in, const at::Tensor& idx_in, const at::Tensor& x_in,
                                        int64_t out_features, const std::optional<at::Tensor>& rows_in) {
   constexpr const char* op = "linear_weight_grad_rows";
-  check_matrix(vals_in, op, "vals");
-  check_matrix(x_in, op, "x");
-  check_same(vals_in, x_in, op, "vals", "x");
-  TORCH_CHECK(out_features >= 0, op, ": out_features must be >= 0, got ", out_features);
-  check_index(idx_in, 2, out_features, vals_in, op);
-  TORCH_CHECK(idx_in.sizes() == vals_in.sizes(), op, ": idx and vals must have the same shape, got ",
-              idx_in.sizes(), " and ", vals_in.sizes());
-  TORCH_CHECK(vals_in.size(0) == x_in.size(0), op, ": vals has ", vals_in.size(0), " rows but x has ",
-              x_in.size(0));
+  checks::linear_weight_grad_rows(vals_in, idx_in, x_in, out_features, rows_in);
+  index_values(op, "idx", idx_in, out_features);
+  if (rows_in.has_value()) index_values(op, "rows", *rows_in, out_features, /*distinct=*/true);
   const at::Tensor vals = vals_in.contiguous(), idx = idx_in.contiguous(), x = x_in.contiguous();
   const int64_t n_rows = vals.size(0), k = vals.size(1), n_in = x.size(1);
 
@@ -28,15 +22,11 @@ at::Tensor linear_weight_grad_rows_cpu(const at::Tensor& vals_in, const at::Tens
   std::vector<int64_t> pos(out_features);
   int64_t n_out_rows = out_features;
   if (rows_in.has_value()) {
-    check_index(*rows_in, 1, out_features, vals_in, op);
     const at::Tensor rows = rows_in->contiguous();
     n_out_rows = rows.size(0);
     std::fill(pos.begin(), pos.end(), int64_t{-1});
     const int64_t* pr = rows.const_data_ptr<int64_t>();
-    for (int64_t p = 0; p < n_out_rows; ++p) {
-      TORCH_CHECK(pos[pr[p]] < 0, op, ": rows holds row ", pr[p], " twice");
-      pos[pr[p]] = p;
-    }
+    for (int64_t p = 0; p < n_out_rows; ++p) pos[pr[p]] = p;
   } else {
     for (int64_t j = 0; j < out_features; ++j) pos[j] = j;
   }

@@ -10,13 +10,8 @@ namespace {
 
 at::Tensor linear_weight_grad_unified_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
                                           const at::Tensor& idx_in) {
-  constexpr const char* op = "linear_weight_grad_unified";
-  check_matrix(dy_in, op, "dy");
-  check_matrix(x_in, op, "x");
-  check_same(dy_in, x_in, op, "dy", "x");
-  TORCH_CHECK(dy_in.size(0) == x_in.size(0), op, ": dy has ", dy_in.size(0), " rows but x has ",
-              x_in.size(0));
-  check_index(idx_in, 1, dy_in.size(1), dy_in, op);
+  checks::linear_weight_grad_unified(dy_in, x_in, idx_in);
+  index_values("linear_weight_grad_unified", "idx", idx_in, dy_in.size(1));
   const at::Tensor dy = dy_in.contiguous(), x = x_in.contiguous(), idx = idx_in.contiguous();
   const int64_t n_rows = dy.size(0), n_out = dy.size(1), n_in = x.size(1), k = idx.size(0);
   at::Tensor rows = at::empty({k, n_in}, dy.options());

@@ -13,20 +13,13 @@ namespace meprop::cpu {
 namespace {
 
 at::Tensor scatter_rows_cpu(const at::Tensor& rows_in, const at::Tensor& idx_in, int64_t out_features) {
-  constexpr const char* op = "scatter_rows";
-  check_matrix(rows_in, op, "rows");
-  TORCH_CHECK(out_features >= 0, op, ": out_features must be >= 0, got ", out_features);
-  check_index(idx_in, 1, out_features, rows_in, op);
-  TORCH_CHECK(idx_in.size(0) == rows_in.size(0), op, ": idx has ", idx_in.size(0), " entries but rows has ",
-              rows_in.size(0), " rows");
+  checks::scatter_rows(rows_in, idx_in, out_features);
+  index_values("scatter_rows", "idx", idx_in, out_features, /*distinct=*/true);
   const at::Tensor rows = rows_in.contiguous(), idx = idx_in.contiguous();
   const int64_t k = rows.size(0), n_in = rows.size(1);
   std::vector<int64_t> pos(out_features, -1);
   const int64_t* pi = idx.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < k; ++i) {
-    TORCH_CHECK(pos[pi[i]] < 0, op, ": idx holds row ", pi[i], " twice");
-    pos[pi[i]] = i;
-  }
+  for (int64_t i = 0; i < k; ++i) pos[pi[i]] = i;
   const size_t row_bytes = n_in * rows.element_size();
   const char* src = static_cast<const char*>(rows.const_data_ptr());
   // On-demand zero pages pay off when the k rows touch few of the huge pages (the OS zeroes every page a

@@ -59,6 +59,7 @@ inline bool small_gemm_pays(int64_t M, int64_t Ncols, int64_t K) { return M * Nc
 template <typename acc, typename b_t, typename c_t>
 void small_gemm(int64_t M, int64_t Ncols, int64_t K, const acc* A, int64_t lda, const b_t* B, int64_t ldb,
                 c_t* C, int64_t ldc) {
+  if (M == 0 || Ncols == 0) return;  // an empty C (and no column blocks to split the work into)
   constexpr int64_t kCols = 2 * Simd<acc>::kLanes, kPanelBytes = int64_t{256} << 10, kDepth = 256;
   const int64_t depth = std::max<int64_t>(1, std::is_same_v<c_t, acc> ? std::min(K, kDepth) : K);
   const int64_t strips = (Ncols + kCols - 1) / kCols;

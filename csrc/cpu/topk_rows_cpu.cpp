@@ -101,11 +101,10 @@ struct RowSelector {
 };
 
 std::tuple<at::Tensor, at::Tensor> topk_rows_cpu(const at::Tensor& dy_in, int64_t k) {
-  check_matrix(dy_in, "topk_rows", "dy");
+  checks::topk("topk_rows", dy_in, k);
   const at::Tensor dy = dy_in.contiguous();
   const int64_t n_rows = dy.size(0), n_cols = dy.size(1);
-  TORCH_CHECK(k >= 1 && k <= n_cols, "topk_rows: k must lie in [1, ", n_cols, "], got ", k);
-  TORCH_CHECK(n_cols < (int64_t{1} << 32), "topk_rows: rows longer than 2^32 - 1 are not supported");
+  TORCH_CHECK_VALUE(n_cols < (int64_t{1} << 32), "meprop.topk_rows: rows longer than 2^32 - 1 are not supported");
   at::Tensor vals = at::empty({n_rows, k}, dy.options());
   at::Tensor idx = at::empty({n_rows, k}, dy.options().dtype(at::kLong));
   const int64_t block = block_length(n_cols, k);

@@ -10,10 +10,9 @@ namespace meprop::cpu {
 namespace {
 
 at::Tensor topk_unified_cpu(const at::Tensor& dy_in, int64_t k) {
-  check_matrix(dy_in, "topk_unified", "dy");
+  checks::topk("topk_unified", dy_in, k);
   const at::Tensor dy = dy_in.contiguous();
   const int64_t n_rows = dy.size(0), n_cols = dy.size(1);
-  TORCH_CHECK(k >= 1 && k <= n_cols, "topk_unified: k must lie in [1, ", n_cols, "], got ", k);
   at::Tensor idx = at::empty({k}, dy.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "topk_unified_cpu", [&] {
     using acc = acc_t<scalar_t>;

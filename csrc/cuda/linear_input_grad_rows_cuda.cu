@@ -32,7 +32,7 @@ __global__ void __launch_bounds__(kThreads)
       __syncthreads();  // the previous chunk's pairs are no longer read
       if (threadIdx.x < count) {
         const int64_t e = n * k + i0 + threadIdx.x, j = idx[e];
-        CUDA_KERNEL_ASSERT(j >= 0 && j < n_out && "linear_input_grad_rows: idx out of range");
+        CUDA_KERNEL_ASSERT(j >= 0 && j < n_out && "meprop.linear_input_grad_rows: idx values must lie in [0, out)");
         src_row[threadIdx.x] = j;
         coef[threadIdx.x] = static_cast<acc>(vals[e]);
       }
@@ -56,13 +56,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 at::Tensor linear_input_grad_rows_cuda(const at::Tensor& vals_in, const at::Tensor& idx_in, const at::Tensor& weight_in) {
-  constexpr const char* op = "linear_input_grad_rows";
-  check_matrix(vals_in, op, "vals");
-  check_matrix(weight_in, op, "weight");
-  check_same(vals_in, weight_in, op, "vals", "weight");
-  check_index(idx_in, 2, vals_in, op);
-  TORCH_CHECK(idx_in.sizes() == vals_in.sizes(), op, ": idx and vals must have the same shape, got ",
-              idx_in.sizes(), " and ", vals_in.sizes());
+  checks::linear_input_grad_rows(vals_in, idx_in, weight_in);
   const c10::cuda::OptionalCUDAGuard guard(vals_in.device());
   const at::Tensor vals = vals_in.contiguous(), idx = idx_in.contiguous(), weight = weight_in.contiguous();
   const int64_t n_rows = vals.size(0), k = vals.size(1), n_out = weight.size(0), n_in = weight.size(1);

@@ -10,13 +10,7 @@ namespace meprop::cuda {
 namespace {
 
 at::Tensor linear_input_grad_unified_cuda(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& idx) {
-  constexpr const char* op = "linear_input_grad_unified";
-  check_matrix(dy, op, "dy");
-  check_matrix(weight, op, "weight");
-  check_same(dy, weight, op, "dy", "weight");
-  TORCH_CHECK(dy.size(1) == weight.size(0), op, ": dy has ", dy.size(1), " columns but weight has ",
-              weight.size(0), " rows");
-  check_index(idx, 1, dy, op);
+  checks::linear_input_grad_unified(dy, weight, idx);
   const c10::cuda::OptionalCUDAGuard guard(dy.device());
   return at::mm(dy.index_select(1, idx), weight.index_select(0, idx));
 }

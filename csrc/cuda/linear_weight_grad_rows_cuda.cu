@@ -3,6 +3,7 @@
 // their order); a block then owns one output row and a strip of columns, finds the row's segment by
 // binary search and sums its pairs in order: no atomics, deterministic results, every element written.
 #include <ATen/ops/sort.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "common.cuh"
@@ -27,6 +28,19 @@ __device__ int64_t bound(const int64_t* sorted, int64_t n, int64_t v, bool upper
   return lo;
 }
 
+// Asserts that rows[0..n) lie in [0, out_features) and are distinct (seen: out_features zeros).
+__global__ void mark_rows_kernel(const int64_t* __restrict__ rows, int64_t n, int64_t out_features,
+                                 int* __restrict__ seen) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t j = rows[i];
+    CUDA_KERNEL_ASSERT(j >= 0 && j < out_features &&
+                       "meprop.linear_weight_grad_rows: rows values must lie in [0, out_features)");
+    const int previous = atomicExch(seen + j, 1);
+    CUDA_KERNEL_ASSERT(previous == 0 && "meprop.linear_weight_grad_rows: rows holds a value more than once");
+  }
+}
+
 // grad[p] = the gradient of weight row targets[p] (row p itself when targets is null).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
@@ -44,9 +58,9 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();  // the previous tile's segment is no longer read
     if (threadIdx.x == 0) {
       const int64_t j = targets == nullptr ? p : targets[p];
-      CUDA_KERNEL_ASSERT(j >= 0 && j < out_features && "linear_weight_grad_rows: rows out of range");
+      CUDA_KERNEL_ASSERT(j >= 0 && j < out_features && "meprop.linear_weight_grad_rows: rows values must lie in [0, out_features)");
       CUDA_KERNEL_ASSERT((n_pairs == 0 || (sorted_rows[0] >= 0 && sorted_rows[n_pairs - 1] < out_features)) &&
-                         "linear_weight_grad_rows: idx out of range");
+                         "meprop.linear_weight_grad_rows: idx values must lie in [0, out_features)");
       segment[0] = bound(sorted_rows, n_pairs, j, false);
       segment[1] = bound(sorted_rows, n_pairs, j, true);
     }
@@ -84,20 +98,16 @@ __global__ void __launch_bounds__(kThreads)
 
 at::Tensor linear_weight_grad_rows_cuda(const at::Tensor& vals_in, const at::Tensor& idx_in, const at::Tensor& x_in,
                                         int64_t out_features, const std::optional<at::Tensor>& rows_in) {
-  constexpr const char* op = "linear_weight_grad_rows";
-  check_matrix(vals_in, op, "vals");
-  check_matrix(x_in, op, "x");
-  check_same(vals_in, x_in, op, "vals", "x");
-  TORCH_CHECK(out_features >= 0, op, ": out_features must be >= 0, got ", out_features);
-  check_index(idx_in, 2, vals_in, op);
-  TORCH_CHECK(idx_in.sizes() == vals_in.sizes(), op, ": idx and vals must have the same shape, got ",
-              idx_in.sizes(), " and ", vals_in.sizes());
-  TORCH_CHECK(vals_in.size(0) == x_in.size(0), op, ": vals has ", vals_in.size(0), " rows but x has ",
-              x_in.size(0));
-  if (rows_in.has_value()) check_index(*rows_in, 1, vals_in, op, "rows");
+  checks::linear_weight_grad_rows(vals_in, idx_in, x_in, out_features, rows_in);
   const c10::cuda::OptionalCUDAGuard guard(vals_in.device());
   const at::Tensor vals = vals_in.contiguous(), x = x_in.contiguous();
   const at::Tensor rows = rows_in.has_value() ? rows_in->contiguous() : at::Tensor();
+  if (rows.defined() && rows.numel() > 0) {  // device assertion: distinct rows (their range is asserted below)
+    at::Tensor seen = at::zeros({out_features}, rows.options().dtype(at::kInt));
+    mark_rows_kernel<<<grid_for(ceil_div(rows.numel(), kThreads)), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        rows.const_data_ptr<int64_t>(), rows.numel(), out_features, seen.mutable_data_ptr<int>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   const int64_t k = vals.size(1), n_pairs = vals.numel(), n_in = x.size(1);
   const int64_t n_targets = rows.defined() ? rows.size(0) : out_features;
   at::Tensor grad = at::empty({n_targets, n_in}, vals.options());

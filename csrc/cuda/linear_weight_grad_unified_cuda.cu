@@ -10,12 +10,7 @@ namespace meprop::cuda {
 namespace {
 
 at::Tensor linear_weight_grad_unified_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& idx) {
-  constexpr const char* op = "linear_weight_grad_unified";
-  check_matrix(dy, op, "dy");
-  check_matrix(x, op, "x");
-  check_same(dy, x, op, "dy", "x");
-  TORCH_CHECK(dy.size(0) == x.size(0), op, ": dy has ", dy.size(0), " rows but x has ", x.size(0));
-  check_index(idx, 1, dy, op);
+  checks::linear_weight_grad_unified(dy, x, idx);
   const c10::cuda::OptionalCUDAGuard guard(dy.device());
   return at::mm(dy.index_select(1, idx).t(), x);
 }

@@ -19,9 +19,9 @@ __global__ void mark_rows_kernel(const int64_t* __restrict__ idx, int64_t k, int
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < k;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t j = idx[i];
-    CUDA_KERNEL_ASSERT(j >= 0 && j < out_features && "scatter_rows: idx out of range");
+    CUDA_KERNEL_ASSERT(j >= 0 && j < out_features && "meprop.scatter_rows: idx values must lie in [0, out_features)");
     const int previous = atomicCAS(source + j, -1, static_cast<int>(i));
-    CUDA_KERNEL_ASSERT(previous == -1 && "scatter_rows: idx holds duplicate row indices");
+    CUDA_KERNEL_ASSERT(previous == -1 && "meprop.scatter_rows: idx holds a value more than once");
   }
 }
 
@@ -67,15 +67,9 @@ bool fits_unit(const at::Tensor& rows, const at::Tensor& dense, size_t unit) {
 
 at::Tensor scatter_rows_cuda(const at::Tensor& rows_in, const at::Tensor& idx_in, int64_t out_features) {
   constexpr const char* op = "scatter_rows";
-  check_matrix(rows_in, op, "rows");
-  TORCH_CHECK(out_features >= 0, op, ": out_features must be >= 0, got ", out_features);
-  TORCH_CHECK(out_features <= std::numeric_limits<int>::max(), op, ": out_features must be < 2^31, got ",
-              out_features);
-  check_index(idx_in, 1, rows_in, op);
-  TORCH_CHECK(idx_in.size(0) == rows_in.size(0), op, ": idx has ", idx_in.size(0), " entries but rows has ",
-              rows_in.size(0), " rows");
-  TORCH_CHECK(idx_in.size(0) <= out_features, op, ": idx holds ", idx_in.size(0), " rows, more than out_features=",
-              out_features, " distinct rows");
+  checks::scatter_rows(rows_in, idx_in, out_features);
+  TORCH_CHECK_VALUE(out_features <= std::numeric_limits<int>::max(), "meprop.", op,
+                    ": out_features must be < 2^31 on CUDA, got ", out_features);
   const c10::cuda::OptionalCUDAGuard guard(rows_in.device());
   const at::Tensor rows = rows_in.contiguous(), idx = idx_in.contiguous();
   const int64_t k = rows.size(0);

@@ -52,13 +52,12 @@ int threads_for(int64_t n_cols) {
 
 std::tuple<at::Tensor, at::Tensor> topk_rows_cuda(const at::Tensor& dy_in, int64_t k) {
   constexpr const char* op = "topk_rows";
-  check_matrix(dy_in, op, "dy");
+  checks::topk(op, dy_in, k);
   const c10::cuda::OptionalCUDAGuard guard(dy_in.device());
   const at::Tensor dy = dy_in.contiguous();
   const int64_t n_rows = dy.size(0), n_cols = dy.size(1);
-  TORCH_CHECK(k >= 1 && k <= n_cols, op, ": k must lie in [1, ", n_cols, "], got ", k);
-  TORCH_CHECK(n_cols <= std::numeric_limits<int>::max(), op, ": dy must have fewer than 2^31 columns, got ",
-              n_cols);
+  TORCH_CHECK_VALUE(n_cols <= std::numeric_limits<int>::max(), "meprop.", op,
+                    ": dy must have fewer than 2^31 columns on CUDA, got ", n_cols);
   if (k > kMaxSelect) {
     // A stable descending sort ranks NaN first and keeps equal magnitudes in index order.
     const at::Tensor order = std::get<1>(at::sort(dy.abs(), /*stable=*/true, /*dim=*/1, /*descending=*/true));

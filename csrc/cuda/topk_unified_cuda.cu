@@ -57,13 +57,12 @@ __global__ void __launch_bounds__(kSelectThreads)
 
 at::Tensor topk_unified_cuda(const at::Tensor& dy_in, int64_t k) {
   constexpr const char* op = "topk_unified";
-  check_matrix(dy_in, op, "dy");
+  checks::topk(op, dy_in, k);
   const c10::cuda::OptionalCUDAGuard guard(dy_in.device());
   const at::Tensor dy = dy_in.contiguous();
   const int64_t n_rows = dy.size(0), n_cols = dy.size(1);
-  TORCH_CHECK(k >= 1 && k <= n_cols, op, ": k must lie in [1, ", n_cols, "], got ", k);
-  TORCH_CHECK(n_cols <= std::numeric_limits<int>::max(), op, ": dy must have fewer than 2^31 columns, got ",
-              n_cols);
+  TORCH_CHECK_VALUE(n_cols <= std::numeric_limits<int>::max(), "meprop.", op,
+                    ": dy must have fewer than 2^31 columns on CUDA, got ", n_cols);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   // At most 65535 row chunks (the grid's y limit), each of at least kMinRowsPerChunk rows.
   const int64_t rows_per_chunk = std::max<int64_t>(kMinRowsPerChunk, ceil_div(n_rows, 65535));

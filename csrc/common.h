@@ -1,0 +1,158 @@
+// Shared by csrc/cpu and csrc/cuda: the accumulation type, and the host-side argument checks of the ops.
+// Each check is the twin of the function of the same name in meprop/checks.py: the same condition,
+// exception type and message (TORCH_CHECK_TYPE -> TypeError, TORCH_CHECK_VALUE -> ValueError,
+// TORCH_CHECK_INDEX -> IndexError), so every backend rejects a bad argument the same way. Index values are
+// checked by the CPU kernels (cpu/common.h) and, with device assertions, by the CUDA kernels.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cctype>
+#include <optional>
+#include <string>
+
+namespace meprop {
+
+// Products and sums of half/bfloat16/float inputs accumulate in float, of double inputs in double.
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename Acc<T>::type;
+
+}  // namespace meprop
+
+namespace meprop::checks {
+
+// Torch's Python name of a dtype ("torch.float32"), as meprop/checks.py prints it.
+inline std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    case at::kComplexHalf: return "torch.complex32";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    default: {  // the float8 types: "Float8_e4m3fn" -> "torch.float8_e4m3fn"
+      std::string name = c10::toString(t);
+      for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      return "torch." + name;
+    }
+  }
+}
+
+inline bool is_float(const at::Tensor& t) {
+  const auto s = t.scalar_type();
+  return s == at::kHalf || s == at::kBFloat16 || s == at::kFloat || s == at::kDouble;
+}
+
+// t is a 2-D float16/bfloat16/float32/float64 tensor.
+inline void matrix(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.dim() == 2, "meprop.", op, ": ", name, " must be 2-D, got shape ", t.sizes());
+  TORCH_CHECK_TYPE(is_float(t), "meprop.", op, ": ", name, " must be float16, bfloat16, float32 or float64, got ",
+                   dtype_name(t.scalar_type()));
+}
+
+// t has other's dtype and device.
+inline void like(const char* op, const char* name, const at::Tensor& t, const char* other_name,
+                 const at::Tensor& other) {
+  TORCH_CHECK_TYPE(t.scalar_type() == other.scalar_type(), "meprop.", op, ": ", name, " is ",
+                   dtype_name(t.scalar_type()), " but ", other_name, " is ", dtype_name(other.scalar_type()));
+  TORCH_CHECK_VALUE(t.device() == other.device(), "meprop.", op, ": ", name, " is on ", t.device(), " but ",
+                    other_name, " is on ", other.device());
+}
+
+// k lies in [1, n_cols].
+inline void k_range(const char* op, int64_t k, int64_t n_cols) {
+  TORCH_CHECK_VALUE(k >= 1 && k <= n_cols, "meprop.", op, ": k must lie in [1, ", n_cols, "], got ", k);
+}
+
+// Two sizes (or shapes) that must agree; `what` names them, e.g. "dy columns and weight rows".
+template <typename A>
+inline void size_match(const char* op, const char* what, const A& a, const A& b) {
+  TORCH_CHECK_VALUE(a == b, "meprop.", op, ": ", what, " must match, got ", a, " and ", b);
+}
+
+inline void out_features(const char* op, int64_t n) {
+  TORCH_CHECK_VALUE(n >= 0, "meprop.", op, ": out_features must be >= 0, got ", n);
+}
+
+// idx is an int64 tensor of `dims` dimensions on like's device.
+inline void index(const char* op, const char* name, const at::Tensor& idx, int64_t dims, const at::Tensor& like) {
+  TORCH_CHECK_TYPE(idx.scalar_type() == at::kLong, "meprop.", op, ": ", name, " must be int64, got ",
+                   dtype_name(idx.scalar_type()));
+  TORCH_CHECK_VALUE(idx.dim() == dims, "meprop.", op, ": ", name, " must be ", dims, "-D, got shape ", idx.sizes());
+  TORCH_CHECK_VALUE(idx.device() == like.device(), "meprop.", op, ": ", name, " is on ", idx.device(),
+                    " but the other tensors are on ", like.device());
+}
+
+// The argument checks of each op, in the order of meprop/opdefs.py (index values last, by the kernels).
+inline void topk(const char* op, const at::Tensor& dy, int64_t k) {
+  matrix(op, "dy", dy);
+  k_range(op, k, dy.size(1));
+}
+
+inline void linear_input_grad_unified(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& idx) {
+  constexpr const char* op = "linear_input_grad_unified";
+  matrix(op, "dy", dy);
+  matrix(op, "weight", weight);
+  like(op, "weight", weight, "dy", dy);
+  size_match(op, "dy columns and weight rows", dy.size(1), weight.size(0));
+  index(op, "idx", idx, 1, dy);
+}
+
+inline void linear_weight_grad_unified(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& idx) {
+  constexpr const char* op = "linear_weight_grad_unified";
+  matrix(op, "dy", dy);
+  matrix(op, "x", x);
+  like(op, "x", x, "dy", dy);
+  size_match(op, "dy rows and x rows", dy.size(0), x.size(0));
+  index(op, "idx", idx, 1, dy);
+}
+
+inline void rows_pair(const char* op, const at::Tensor& vals, const at::Tensor& idx) {
+  matrix(op, "vals", vals);
+  index(op, "idx", idx, 2, vals);
+  size_match(op, "idx and vals shapes", idx.sizes(), vals.sizes());
+}
+
+inline void linear_input_grad_rows(const at::Tensor& vals, const at::Tensor& idx, const at::Tensor& weight) {
+  constexpr const char* op = "linear_input_grad_rows";
+  matrix(op, "weight", weight);
+  rows_pair(op, vals, idx);
+  like(op, "vals", vals, "weight", weight);
+}
+
+inline void linear_weight_grad_rows(const at::Tensor& vals, const at::Tensor& idx, const at::Tensor& x,
+                                    int64_t n_out, const std::optional<at::Tensor>& rows) {
+  constexpr const char* op = "linear_weight_grad_rows";
+  out_features(op, n_out);
+  matrix(op, "x", x);
+  rows_pair(op, vals, idx);
+  like(op, "vals", vals, "x", x);
+  size_match(op, "vals rows and x rows", vals.size(0), x.size(0));
+  if (rows.has_value()) index(op, "rows", *rows, 1, x);
+}
+
+inline void scatter_rows(const at::Tensor& rows, const at::Tensor& idx, int64_t n_out) {
+  constexpr const char* op = "scatter_rows";
+  out_features(op, n_out);
+  matrix(op, "rows", rows);
+  index(op, "idx", idx, 1, rows);
+  size_match(op, "idx entries and rows", idx.size(0), rows.size(0));
+}
+
+}  // namespace meprop::checks

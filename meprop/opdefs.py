@@ -1,0 +1,180 @@
+"""The meprop op table: every op defined once, with its schema, argument checks and output shapes.
+
+Everything else is derived from :data:`OPS`: the C++ schemas (``setup.py`` writes them into the one
+``TORCH_LIBRARY(meprop, m)`` block of ``csrc/meprop.cpp``), the fake kernels of the compiled ops
+(``meprop::``) and of the Triton ops (``meprop_triton::``), the checks the reference and the Triton ops run,
+the list the CUDA compile check verifies, and the parametrisation of the conformance tests. The semantics
+of op ``name`` are those of ``meprop.reference.<name>``.
+
+Shapes use a linear layer ``y = x W^T + b``: ``x (N, in)``, ``W (out, in)``, output gradient ``dy (N, out)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import checks
+
+__all__ = ["OpDef", "OPS", "OP_NAMES", "register_fakes"]
+
+
+@dataclass(frozen=True)
+class OpDef:
+    """One op: ``name``, its ``schema`` arguments and results, ``check`` (raises on bad arguments, works on
+    fake tensors) and ``shape`` (empty outputs of the right shape, dtype and device)."""
+
+    name: str
+    signature: str
+    check: Callable[..., None]
+    shape: Callable[..., object]
+    doc: str
+
+    @property
+    def schema(self) -> str:
+        """The full schema, e.g. ``"topk_unified(Tensor dy, int k) -> Tensor"``."""
+        return self.name + self.signature
+
+    def fake(self, *args):
+        """The fake (meta) kernel: the checks, then outputs of the right shapes."""
+        self.check(*args)
+        return self.shape(*args)
+
+    @property
+    def reference(self) -> Callable:
+        """The pure-PyTorch implementation that defines the semantics (``meprop.reference.<name>``)."""
+        from . import reference
+
+        return getattr(reference, self.name)
+
+
+def _topk(op: str, dy, k) -> None:
+    checks.matrix(op, "dy", dy)
+    checks.k_range(op, k, dy.shape[1])
+
+
+# The checks of each op: metadata first, index values last (csrc/checks.h has the same sequence).
+def _input_grad_unified(dy, weight, idx) -> None:
+    op = "linear_input_grad_unified"
+    checks.matrix(op, "dy", dy)
+    checks.matrix(op, "weight", weight)
+    checks.like(op, "weight", weight, "dy", dy)
+    checks.size_match(op, "dy columns and weight rows", dy.shape[1], weight.shape[0])
+    checks.index(op, "idx", idx, 1, dy)
+    checks.index_values(op, "idx", idx, weight.shape[0])
+
+
+def _weight_grad_unified(dy, x, idx) -> None:
+    op = "linear_weight_grad_unified"
+    checks.matrix(op, "dy", dy)
+    checks.matrix(op, "x", x)
+    checks.like(op, "x", x, "dy", dy)
+    checks.size_match(op, "dy rows and x rows", dy.shape[0], x.shape[0])
+    checks.index(op, "idx", idx, 1, dy)
+    checks.index_values(op, "idx", idx, dy.shape[1])
+
+
+def _rows_pair(op: str, vals, idx) -> None:
+    checks.matrix(op, "vals", vals)
+    checks.index(op, "idx", idx, 2, vals)
+    checks.size_match(op, "idx and vals shapes", list(idx.shape), list(vals.shape))
+
+
+def _input_grad_rows(vals, idx, weight) -> None:
+    op = "linear_input_grad_rows"
+    checks.matrix(op, "weight", weight)
+    _rows_pair(op, vals, idx)
+    checks.like(op, "vals", vals, "weight", weight)
+    checks.index_values(op, "idx", idx, weight.shape[0])
+
+
+def _weight_grad_rows(vals, idx, x, out_features, rows=None) -> None:
+    op = "linear_weight_grad_rows"
+    checks.out_features(op, out_features)
+    checks.matrix(op, "x", x)
+    _rows_pair(op, vals, idx)
+    checks.like(op, "vals", vals, "x", x)
+    checks.size_match(op, "vals rows and x rows", vals.shape[0], x.shape[0])
+    if rows is not None:
+        checks.index(op, "rows", rows, 1, x)
+    checks.index_values(op, "idx", idx, out_features)
+    if rows is not None:
+        checks.index_values(op, "rows", rows, out_features, distinct=True)
+
+
+def _scatter_rows(rows, idx, out_features) -> None:
+    op = "scatter_rows"
+    checks.out_features(op, out_features)
+    checks.matrix(op, "rows", rows)
+    checks.index(op, "idx", idx, 1, rows)
+    checks.size_match(op, "idx entries and rows", idx.shape[0], rows.shape[0])
+    checks.index_values(op, "idx", idx, out_features, distinct=True)
+
+
+def _table(*defs: OpDef) -> dict[str, OpDef]:
+    return {d.name: d for d in defs}
+
+
+OPS: dict[str, OpDef] = _table(
+    OpDef(
+        "topk_unified",
+        "(Tensor dy, int k) -> Tensor",
+        lambda dy, k: _topk("topk_unified", dy, k),
+        lambda dy, k: dy.new_empty((k,), dtype=torch.long),
+        "idx (k,) int64: the k columns of dy (N, out) with the largest sum_n |dy[n, j]|, in selection order.",
+    ),
+    OpDef(
+        "topk_rows",
+        "(Tensor dy, int k) -> (Tensor, Tensor)",
+        lambda dy, k: _topk("topk_rows", dy, k),
+        lambda dy, k: (dy.new_empty((dy.shape[0], k)), dy.new_empty((dy.shape[0], k), dtype=torch.long)),
+        "(vals, idx), both (N, k): the k entries of each row of dy (N, out) largest in magnitude.",
+    ),
+    OpDef(
+        "linear_input_grad_unified",
+        "(Tensor dy, Tensor weight, Tensor idx) -> Tensor",
+        _input_grad_unified,
+        lambda dy, weight, idx: dy.new_empty((dy.shape[0], weight.shape[1])),
+        "dx (N, in) = dy[:, idx] @ W[idx, :] for idx (k,).",
+    ),
+    OpDef(
+        "linear_weight_grad_unified",
+        "(Tensor dy, Tensor x, Tensor idx) -> Tensor",
+        _weight_grad_unified,
+        lambda dy, x, idx: dy.new_empty((idx.shape[0], x.shape[1])),
+        "dW_rows (k, in) = dy[:, idx]^T @ x: the kept rows of the weight gradient.",
+    ),
+    OpDef(
+        "linear_input_grad_rows",
+        "(Tensor vals, Tensor idx, Tensor weight) -> Tensor",
+        _input_grad_rows,
+        lambda vals, idx, weight: vals.new_empty((vals.shape[0], weight.shape[1])),
+        "dx (N, in), dx[n] = sum_i vals[n, i] W[idx[n, i], :] for vals, idx (N, k).",
+    ),
+    OpDef(
+        "linear_weight_grad_rows",
+        "(Tensor vals, Tensor idx, Tensor x, int out_features, Tensor? rows) -> Tensor",
+        _weight_grad_rows,
+        lambda vals, idx, x, out_features, rows=None: vals.new_empty(
+            (out_features if rows is None else rows.shape[0], x.shape[1])
+        ),
+        "dW (out_features, in), dW[j] = sum over idx[n, i] == j of vals[n, i] x[n]; with rows (r,), only those rows.",
+    ),
+    OpDef(
+        "scatter_rows",
+        "(Tensor rows, Tensor idx, int out_features) -> Tensor",
+        _scatter_rows,
+        lambda rows, idx, out_features: rows.new_empty((out_features, rows.shape[1])),
+        "(out_features, in) holding rows[i] at row idx[i] (distinct) and zeros elsewhere.",
+    ),
+)
+
+OP_NAMES: tuple[str, ...] = tuple(OPS)
+
+
+def register_fakes(namespace: str) -> None:
+    """Register every op's fake kernel for ``<namespace>::<name>`` (the ops must already be defined)."""
+    for op in OPS.values():
+        torch.library.register_fake(f"{namespace}::{op.name}")(op.fake)

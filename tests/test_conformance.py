@@ -1,0 +1,342 @@
+"""Every op of every backend against the formula oracle, and every backend's checks against each other.
+
+Parametrised over (backend, device) x op x dtype from the op table (``meprop.opdefs.OPS``): indices are
+compared exactly on tie-free inputs (and on inputs with exact ties, NaN and inf, whose order the selection
+rule fixes), values to the dtype's tolerance; outputs come from NaN-poisoned memory where the backend's
+allocator allows it, so an unwritten element shows; every weight-gradient row that was not selected must be
+exactly zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import zlib
+
+import pytest
+import torch
+from conformance import (
+    BACKEND_DEVICES,
+    assert_matches,
+    assert_zero_outside,
+    distinct_index,
+    dtypes_of,
+    gaussian,
+    max_k,
+    oracle,
+    row_index,
+    tie_free_columns,
+    tie_free_rows,
+)
+
+from meprop import backends
+from meprop.opdefs import OP_NAMES
+
+# (N, out, in): a single row and column, odd sizes, sizes across the kernels' tile and chunk edges.
+SHAPES = [(1, 2, 1), (7, 5, 13), (33, 70, 100), (64, 257, 17), (130, 96, 300)]
+
+
+@pytest.fixture(params=BACKEND_DEVICES)
+def backend_device(request):
+    return request.param
+
+
+def _ks(out: int, limit: int) -> list[int]:
+    return sorted({k for k in (1, max(1, out // 3), out - 1, out) if 1 <= k <= min(out, limit)})
+
+
+@contextlib.contextmanager
+def poisoned(name: str, device: str, nbytes: int):
+    """Outputs allocated inside start as NaN: the Triton launchers' ``new_empty`` is filled with NaN; a freed
+    NaN block of ``nbytes`` is left for the CPU heap or the CUDA caching allocator to hand out next."""
+    if name == "triton":
+        original = torch.Tensor.new_empty
+
+        def new_empty(self, *size, **kwargs):
+            out = original(self, *size, **kwargs)
+            return out.fill_(float("nan") if out.is_floating_point() else -7)
+
+        torch.Tensor.new_empty = new_empty
+        try:
+            yield
+        finally:
+            torch.Tensor.new_empty = original
+        return
+    if name != "reference":
+        block = torch.full((max(nbytes, 8) // 4,), float("nan"), device=device)
+        del block
+    yield
+
+
+def _cases(op: str, dtype, device, gen, limit):
+    """The argument tuples op ``op`` is tried on."""
+    for n, out, n_in in SHAPES:
+        if op in ("topk_unified", "topk_rows"):
+            make = tie_free_columns if op == "topk_unified" else tie_free_rows
+            dy = make(n, out, dtype, gen, device)
+            for k in _ks(out, limit):
+                yield dy, k
+            continue
+        dy, x, w = gaussian((n, out), dtype, gen, device), gaussian((n, n_in), dtype, gen, device), gaussian(
+            (out, n_in), dtype, gen, device
+        )
+        for k in _ks(out, out):
+            idx = distinct_index(out, k, gen, device)
+            if op == "linear_input_grad_unified":
+                yield dy, w, idx
+            elif op == "linear_weight_grad_unified":
+                yield dy, x, idx
+            elif op == "scatter_rows":
+                yield gaussian((k, n_in), dtype, gen, device), idx, out
+            else:
+                ridx, vals = row_index(n, out, k, gen, device), gaussian((n, k), dtype, gen, device)
+                if op == "linear_input_grad_rows":
+                    yield vals, ridx, w
+                else:
+                    yield vals, ridx, x, out, None
+                    rows = torch.randperm(out, generator=gen)[: max(1, out // 2)].to(device)  # any order, any rows
+                    yield vals, ridx, x, out, rows
+
+
+def _check(op: str, got, args, dtype, device) -> None:
+    want = oracle(op, *args)
+    if op == "topk_unified":
+        assert got.dtype == torch.long and got.device.type == torch.device(device).type
+        assert torch.equal(got.cpu(), want), (got, want)
+    elif op == "topk_rows":
+        vals, idx = got
+        assert idx.dtype == torch.long and torch.equal(idx.cpu(), want[1])
+        assert vals.dtype == dtype and torch.equal(vals.cpu().double(), want[0])
+    elif op == "scatter_rows":
+        assert got.dtype == dtype and torch.equal(got.cpu().double(), want)
+        assert_zero_outside(got, args[1])
+    else:
+        assert_matches(got, want, dtype, device)
+        if op == "linear_weight_grad_rows" and args[4] is None:
+            assert_zero_outside(got, torch.unique(args[1].cpu()))
+
+
+@pytest.mark.parametrize("op", OP_NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_op_matches_oracle(backend_device, op, dtype):
+    name, device = backend_device
+    if dtype not in dtypes_of(name):
+        pytest.skip(f"backend {name!r} does not take {dtype}")
+    ops = backends.get(name)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{op} {dtype}".encode()))
+    for args in _cases(op, dtype, device, gen, max_k(name)):
+        with poisoned(name, device, 8 * sum(a.numel() for a in args if isinstance(a, torch.Tensor)) + 4096):
+            got = getattr(ops, op)(*args)
+        _check(op, got, args, dtype, device)
+
+
+def test_every_op_is_tried():
+    gen = torch.Generator().manual_seed(0)
+    for op in OP_NAMES:
+        assert next(iter(_cases(op, torch.float32, "cpu", gen, 256)), None) is not None, op
+
+
+def test_selection_ties_nan_and_inf(backend_device):
+    name, device = backend_device
+    ops = backends.get(name)
+    gen = torch.Generator().manual_seed(5)
+    dy = torch.randint(-3, 4, (9, 40), generator=gen).float()
+    dy[0, 7] = dy[0, 30] = dy[3, 5] = float("nan")
+    dy[1, 3], dy[1, 20], dy[3, 6] = float("inf"), -float("inf"), -float("inf")
+    dy[2] = 0.0
+    dy[2, ::3] = -0.0
+    dy[4, 10], dy[4, 11] = 2.0, -2.0  # a +-x tie goes by index
+    dy = dy.to(device)
+    for k in (1, 2, 5, 39, 40):
+        assert torch.equal(ops.topk_unified(dy, k).cpu(), oracle("topk_unified", dy, k)), k
+        vals, idx = ops.topk_rows(dy, k)
+        want_vals, want_idx = oracle("topk_rows", dy, k)
+        assert torch.equal(idx.cpu(), want_idx), k
+        torch.testing.assert_close(vals.cpu().double(), want_vals, rtol=0, atol=0, equal_nan=True)
+    zeros = torch.zeros(0, 9, device=device)  # no rows: every score is 0, so the lowest indices
+    assert ops.topk_unified(zeros, 4).tolist() == [0, 1, 2, 3]
+    assert ops.topk_rows(zeros, 4)[1].shape == (0, 4)
+
+
+def test_long_rows_and_heavy_ties(backend_device):
+    """Rows far longer than k (several blocks and merge chunks), and rows of few distinct magnitudes."""
+    name, device = backend_device
+    ops = backends.get(name)
+    gen = torch.Generator().manual_seed(6)
+    long_rows = tie_free_rows(5, 3000, torch.float32, gen, device)
+    long_rows[2, 2345] = float("nan")
+    heavy = torch.randint(-2, 3, (6, 3000), generator=gen).float().to(device)
+    heavy[1] = 0.0
+    for dy in (long_rows, heavy):
+        for k in (1, 16, min(255, max_k(name))):
+            vals, idx = ops.topk_rows(dy, k)
+            assert torch.equal(idx.cpu(), oracle("topk_rows", dy, k)[1]), k
+            assert torch.equal(ops.topk_unified(dy, k).cpu(), oracle("topk_unified", dy, k)), k
+
+
+def test_products_sum_repeated_indices(backend_device):
+    """An index repeated within a row (per-example) or in the unified set counts as often as it appears."""
+    name, device = backend_device
+    ops = backends.get(name)
+    gen = torch.Generator().manual_seed(7)
+    x, w = gaussian((6, 11), torch.float32, gen, device), gaussian((4, 11), torch.float32, gen, device)
+    ridx = torch.tensor([[2, 0], [2, 2], [0, 2], [2, 3], [1, 2], [3, 3]], device=device)
+    vals = gaussian((6, 2), torch.float32, gen, device)
+    dy = gaussian((6, 4), torch.float32, gen, device)
+    uidx = torch.tensor([1, 3, 1], device=device)
+    assert_matches(ops.linear_input_grad_rows(vals, ridx, w), oracle("linear_input_grad_rows", vals, ridx, w), torch.float32, device)
+    got = ops.linear_weight_grad_rows(vals, ridx, x, 4, None)
+    assert_matches(got, oracle("linear_weight_grad_rows", vals, ridx, x, 4, None), torch.float32, device)
+    got = ops.linear_input_grad_unified(dy, w, uidx)
+    assert_matches(got, oracle("linear_input_grad_unified", dy, w, uidx), torch.float32, device)
+    got = ops.linear_weight_grad_unified(dy, x, uidx)
+    assert_matches(got, oracle("linear_weight_grad_unified", dy, x, uidx), torch.float32, device)
+
+
+def test_non_finite_inputs_stay_in_their_rows(backend_device):
+    """inf/NaN in x or W reach only the gradients of the entries that use them: unselected rows stay zero."""
+    name, device = backend_device
+    ops = backends.get(name)
+    gen = torch.Generator().manual_seed(8)
+    x, w = gaussian((5, 6), torch.float32, gen), gaussian((10, 6), torch.float32, gen)
+    x[2, 1], w[7, 3], w[9, 0] = float("inf"), float("nan"), -float("inf")
+    ridx = torch.tensor([[0, 1], [2, 3], [4, 5], [0, 9], [1, 2]])
+    vals = gaussian((5, 2), torch.float32, gen)
+    x, w, ridx, vals = x.to(device), w.to(device), ridx.to(device), vals.to(device)
+    dw = ops.linear_weight_grad_rows(vals, ridx, x, 10, None)
+    assert_matches(dw, oracle("linear_weight_grad_rows", vals, ridx, x, 10, None), torch.float32, device)
+    assert_zero_outside(dw, [0, 1, 2, 3, 4, 5, 9])
+    dx = ops.linear_input_grad_rows(vals, ridx, w)  # row 7 (NaN) is never selected
+    assert_matches(dx, oracle("linear_input_grad_rows", vals, ridx, w), torch.float32, device)
+    assert torch.isfinite(dx[[0, 1, 2, 4]]).all() and torch.isinf(dx[3]).any()
+
+
+def test_strided_inputs(backend_device):
+    name, device = backend_device
+    ops = backends.get(name)
+    gen = torch.Generator().manual_seed(9)
+    dy = gaussian((40, 30), torch.float32, gen, device).t()[5:30]  # (25, 40), transposed storage
+    x = gaussian((25, 60), torch.float32, gen, device)[:, ::2]  # (25, 30), strided columns
+    w = gaussian((40, 60), torch.float32, gen, device)[:, 1::2]  # (40, 30)
+    idx = distinct_index(40, 12, gen, device)[::2]  # a strided index
+    assert not (dy.is_contiguous() or x.is_contiguous() or w.is_contiguous() or idx.is_contiguous())
+    assert torch.equal(ops.topk_unified(dy, 6).cpu(), oracle("topk_unified", dy, 6))
+    assert_matches(ops.linear_input_grad_unified(dy, w, idx), oracle("linear_input_grad_unified", dy, w, idx), torch.float32, device)
+    assert_matches(ops.linear_weight_grad_unified(dy, x, idx), oracle("linear_weight_grad_unified", dy, x, idx), torch.float32, device)
+    vals, ridx = ops.topk_rows(dy, 6)
+    vals, ridx = vals.t().contiguous().t(), ridx.t().contiguous().t()  # column-major (N, k)
+    assert_matches(ops.linear_input_grad_rows(vals, ridx, w), oracle("linear_input_grad_rows", vals, ridx, w), torch.float32, device)
+    got = ops.linear_weight_grad_rows(vals, ridx, x, 40, None)
+    assert_matches(got, oracle("linear_weight_grad_rows", vals, ridx, x, 40, None), torch.float32, device)
+
+
+def test_empty_shapes(backend_device):
+    """No rows (N = 0), no input features (in = 0) and no kept entries (k = 0) in every product."""
+    name, device = backend_device
+    ops = backends.get(name)
+    for (n, n_in), dtype in itertools.product(((0, 4), (3, 0), (0, 0)), dtypes_of(name)):
+        dy, x, w = (torch.randn(s).to(dtype).to(device) for s in ((n, 6), (n, n_in), (6, n_in)))
+        for idx in (torch.tensor([2, 5], device=device), torch.zeros(0, dtype=torch.long, device=device)):
+            k = idx.shape[0]
+            assert_matches(ops.linear_input_grad_unified(dy, w, idx), torch.zeros(n, n_in, dtype=torch.float64), dtype, device)
+            rows = ops.linear_weight_grad_unified(dy, x, idx)
+            assert_matches(rows, torch.zeros(k, n_in, dtype=torch.float64), dtype, device)
+            assert_matches(ops.scatter_rows(rows, idx, 6), torch.zeros(6, n_in, dtype=torch.float64), dtype, device)
+        vals, ridx = torch.randn(n, 2).to(dtype).to(device), torch.zeros(n, 2, dtype=torch.long, device=device)
+        assert ops.linear_input_grad_rows(vals, ridx, w).shape == (n, n_in)
+        got = ops.linear_weight_grad_rows(vals, ridx, x, 6, None)
+        assert_matches(got, oracle("linear_weight_grad_rows", vals, ridx, x, 6, None), dtype, device)
+        assert ops.topk_rows(dy, 3)[0].shape == (n, 3)
+
+
+# --- the checks: every backend rejects the same inputs with the same exception and message ---------------
+
+
+def _bad_calls(device):
+    """(op, args, exception type, whether the check reads index values) for single-fault inputs."""
+    t = lambda *shape, dtype=torch.float32: torch.randn(*shape).to(dtype).to(device)  # noqa: E731
+    i = lambda *values: torch.tensor(values, device=device)  # noqa: E731
+    dy, x, w = t(4, 6), t(4, 5), t(6, 5)
+    vals, ridx = t(4, 2), torch.zeros(4, 2, dtype=torch.long, device=device)
+    return [
+        ("topk_unified", (dy, 0), ValueError, False),
+        ("topk_unified", (dy, 7), ValueError, False),
+        ("topk_rows", (dy, -1), ValueError, False),
+        ("topk_rows", (t(2, 3, 4), 1), ValueError, False),
+        ("topk_unified", (dy.int(), 2), TypeError, False),
+        ("topk_rows", (dy.to(torch.complex64), 2), TypeError, False),
+        ("linear_input_grad_unified", (dy, w.double(), i(0)), TypeError, False),
+        ("linear_input_grad_unified", (dy, w[:5], i(0)), ValueError, False),
+        ("linear_input_grad_unified", (dy, w, i(0).int()), TypeError, False),
+        ("linear_input_grad_unified", (dy, w, i([0])), ValueError, False),
+        ("linear_input_grad_unified", (dy, w, i(0, 6)), IndexError, True),
+        ("linear_input_grad_unified", (dy, w, i(-1)), IndexError, True),
+        ("linear_weight_grad_unified", (dy, x[:3], i(0)), ValueError, False),
+        ("linear_weight_grad_unified", (dy, x.half(), i(0)), TypeError, False),
+        ("linear_weight_grad_unified", (dy, x, i(6)), IndexError, True),
+        ("linear_input_grad_rows", (vals, torch.zeros(4, 3, dtype=torch.long, device=device), w), ValueError, False),
+        ("linear_input_grad_rows", (vals, ridx, w.double()), TypeError, False),
+        ("linear_input_grad_rows", (vals, ridx.float(), w), TypeError, False),
+        ("linear_input_grad_rows", (vals, ridx + 6, w), IndexError, True),
+        ("linear_weight_grad_rows", (vals, ridx, x, -1, None), ValueError, False),
+        ("linear_weight_grad_rows", (vals, ridx, x[:3], 6, None), ValueError, False),
+        ("linear_weight_grad_rows", (vals, ridx + 6, x, 6, None), IndexError, True),
+        ("linear_weight_grad_rows", (vals, ridx, x, 6, i(1, 1)), ValueError, True),
+        ("linear_weight_grad_rows", (vals, ridx, x, 6, i(0, 6)), IndexError, True),
+        ("scatter_rows", (t(2, 5), i(1, 1), 6), ValueError, True),
+        ("scatter_rows", (t(2, 5), i(1, 9), 6), IndexError, True),
+        ("scatter_rows", (t(2, 5), i(1), 6), ValueError, False),
+        ("scatter_rows", (t(2, 5), i(0, 1), -2), ValueError, False),
+    ]
+
+
+def test_bad_arguments_raise_like_the_reference(backend_device):
+    name, device = backend_device
+    ops, reference = backends.get(name), backends.get("reference")
+    for op, args, exc_type, reads_values in _bad_calls(device):
+        if reads_values and device != "cpu":
+            continue  # on CUDA, index values are checked by asynchronous device assertions
+        with pytest.raises(exc_type) as want:
+            getattr(reference, op)(*args)
+        with pytest.raises(exc_type) as got:
+            getattr(ops, op)(*args)
+        assert str(got.value) == str(want.value), (op, str(got.value), str(want.value))
+        assert str(got.value).startswith(f"meprop.{op}: "), str(got.value)
+
+
+def test_opcheck_every_op(backend_device):
+    """torch.library.opcheck on each op of the backend's namespace.
+
+    The ops compute gradients and have no derivative of their own: their Autograd kernel raises for a
+    backward through them (checked here), which test_autograd_registration accepts on inputs that require
+    grad; the tracing tests run on inputs that do not."""
+    name, device = backend_device
+    if name == "reference":
+        pytest.skip("the reference is plain PyTorch functions, not torch.library ops")
+    ops = backends.get(name)
+    gen = torch.Generator().manual_seed(10)
+    dy, x, w = (gaussian(s, torch.float32, gen, device) for s in ((9, 11), (9, 7), (11, 7)))
+    idx = distinct_index(11, 4, gen, device)
+    vals, ridx = gaussian((9, 3), torch.float32, gen, device), row_index(9, 11, 3, gen, device)
+    rows = gaussian((4, 7), torch.float32, gen, device)
+    args = {
+        "topk_unified": (dy, 4),
+        "topk_rows": (dy, 3),
+        "linear_input_grad_unified": (dy, w, idx),
+        "linear_weight_grad_unified": (dy, x, idx),
+        "linear_input_grad_rows": (vals, ridx, w),
+        "linear_weight_grad_rows": (vals, ridx, x, 11, torch.unique(ridx)),
+        "scatter_rows": (rows, idx, 11),
+    }
+    assert set(args) == set(OP_NAMES)
+    # torch.compile cannot trace Triton ops running in the interpreter (CPU tensors): skip that part there.
+    utils = ("test_schema", "test_faketensor")
+    if not (name == "triton" and device == "cpu"):
+        utils += ("test_aot_dispatch_dynamic",)
+    for op in OP_NAMES:
+        torch.library.opcheck(getattr(ops, op), args[op], test_utils=utils)
+        grad_args = tuple(a.detach().requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a for a in args[op])
+        torch.library.opcheck(getattr(ops, op), grad_args, test_utils=("test_autograd_registration",))
+    out = ops.linear_input_grad_unified(dy.requires_grad_(), w, idx)
+    with pytest.raises(RuntimeError, match="not implemented|no autograd formula"):  # names the op
+        out.sum().backward()

@@ -53,7 +53,9 @@ def _write_op_list() -> None:
     """
     package = types.ModuleType("meprop")
     package.__path__ = [os.path.abspath("meprop")]
-    saved = {name: sys.modules.pop(name) for name in list(sys.modules) if name == "meprop" or name.startswith("meprop.")}
+    saved = {
+        name: sys.modules.pop(name) for name in list(sys.modules) if name == "meprop" or name.startswith("meprop.")
+    }
     sys.modules["meprop"] = package
     try:
         opdefs = importlib.import_module("meprop.opdefs")

@@ -2,16 +2,17 @@
 
 ``meprop.Linear`` is a drop-in ``nn.Linear`` whose backward keeps only the top-k entries of the output
 gradient; ``meprop.convert`` swaps it into an existing model; ``meprop.functional.linear`` is the function.
-The ops run on fused C++ (CPU), CUDA or Triton kernels, all checked against ``meprop.reference``.
+The ops (defined once in ``meprop.opdefs``) run on fused C++ (CPU), CUDA or Triton kernels, all checked against
+``meprop.reference``; ``meprop.backends`` says which backend can run what.
 """
 
 import warnings
 
-from . import backends, functional, ops, reference
+from . import backends, functional, opdefs, ops, reference
 from .functional import MODES, linear_backward
 from .modules import Linear, convert
 
-__all__ = ["Linear", "convert", "functional", "backends", "reference", "ops", "MODES", "linear_backward"]
+__all__ = ["Linear", "convert", "functional", "backends", "opdefs", "reference", "ops", "MODES", "linear_backward"]
 __version__ = "0.1.0"
 
 if ops.EXTENSION_ERROR is not None:

@@ -169,7 +169,9 @@ def _resolve_name(backend, device, dtype, k, interpret) -> str:
     return _resolve(backend, device, dtype, k, interpret)
 
 
-def resolve(backend: str | None, device: torch.device, dtype: torch.dtype | None = None, k: int | None = None) -> Backend:
+def resolve(
+    backend: str | None, device: torch.device, dtype: torch.dtype | None = None, k: int | None = None
+) -> Backend:
     """The backend to use for ``dtype`` tensors on ``device`` with selections of ``k`` entries.
 
     ``backend`` is None (the automatic choice) or a name, which is checked: a backend that cannot run the

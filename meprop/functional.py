@@ -118,7 +118,9 @@ def linear_backward(
     Returns ``(dx, dW, db)``: ``dx`` shaped like ``input``, ``dW (out, in)`` dense or, with ``sparse_grad``, a
     coalesced sparse COO tensor holding only the touched rows, ``db (out,)``; None where not asked for.
     """
-    ops = backend if isinstance(backend, backends.Backend) else backends.get(backend)
+    ops = (
+        backend if isinstance(backend, backends.Backend) else backends.resolve(backend, weight.device, weight.dtype, k)
+    )
     out_features, in_features = weight.shape
     dy = grad_output.reshape(-1, out_features).to(weight.dtype)
     x = input.reshape(dy.shape[0], in_features)  # (not -1: in_features may be 0)

@@ -106,7 +106,7 @@ def linear_input_grad_rows(vals: torch.Tensor, idx: torch.Tensor, weight: torch.
     w = weight.to(acc)
     dx = vals.new_zeros((vals.shape[0], weight.shape[1]), dtype=acc)
     for i in range(vals.shape[1]):  # one kept entry per row at a time: (N, in) temporaries only
-        dx = dx + vals[:, i : i + 1].to(acc) * w.index_select(0, idx[:, i])
+        dx.addcmul_(vals[:, i : i + 1].to(acc), w.index_select(0, idx[:, i]))
     return dx.to(vals.dtype)
 
 
@@ -127,7 +127,7 @@ def linear_weight_grad_rows(
     xa = x.to(acc)
     dw = vals.new_zeros((out_features, x.shape[1]), dtype=acc)
     for i in range(vals.shape[1]):
-        dw = dw.index_add(0, idx[:, i], vals[:, i : i + 1].to(acc) * xa)
+        dw.index_add_(0, idx[:, i], vals[:, i : i + 1].to(acc) * xa)
     if rows is not None:
         dw = dw.index_select(0, rows)
     return dw.to(vals.dtype)
@@ -139,4 +139,4 @@ def scatter_rows(rows: torch.Tensor, idx: torch.Tensor, out_features: int) -> to
     ``idx`` must hold distinct indices in ``[0, out_features)``.
     """
     OPS["scatter_rows"].check(rows, idx, out_features)
-    return rows.new_zeros((out_features, rows.shape[1])).index_copy(0, idx, rows)
+    return rows.new_zeros((out_features, rows.shape[1])).index_copy_(0, idx, rows)

@@ -35,7 +35,9 @@ def _case(name: str, device: str):
 
 # The (backend, device) pairs of every conformance test.
 BACKEND_DEVICES = [
-    _case(name, device) for device in ("cpu", "cuda") for name in ("reference", "cpu" if device == "cpu" else "cuda", "triton")
+    _case(name, device)
+    for device in ("cpu", "cuda")
+    for name in ("reference", "cpu" if device == "cpu" else "cuda", "triton")
 ]
 
 

@@ -36,7 +36,10 @@ def test_capabilities_on_this_machine():
     cpu = torch.device("cpu")
     reference = backends.get("reference")
     assert reference.error is None and reference.why_not(cpu, torch.float64, 10**6) is None
-    assert reference.why_not(cpu, torch.int32) == (TypeError, "it takes float16, bfloat16, float32, float64 tensors, got torch.int32")
+    assert reference.why_not(cpu, torch.int32) == (
+        TypeError,
+        "it takes float16, bfloat16, float32, float64 tensors, got torch.int32",
+    )
     assert backends.resolve(None, cpu, torch.float32, 8).name in backends.available(cpu)
     assert "cpu" in repr(backends.get("cpu"))
     for name in backends.BACKENDS:

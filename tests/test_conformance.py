@@ -77,8 +77,10 @@ def _cases(op: str, dtype, device, gen, limit):
             for k in _ks(out, limit):
                 yield dy, k
             continue
-        dy, x, w = gaussian((n, out), dtype, gen, device), gaussian((n, n_in), dtype, gen, device), gaussian(
-            (out, n_in), dtype, gen, device
+        dy, x, w = (
+            gaussian((n, out), dtype, gen, device),
+            gaussian((n, n_in), dtype, gen, device),
+            gaussian((out, n_in), dtype, gen, device),
         )
         for k in _ks(out, out):
             idx = distinct_index(out, k, gen, device)
@@ -184,7 +186,12 @@ def test_products_sum_repeated_indices(backend_device):
     vals = gaussian((6, 2), torch.float32, gen, device)
     dy = gaussian((6, 4), torch.float32, gen, device)
     uidx = torch.tensor([1, 3, 1], device=device)
-    assert_matches(ops.linear_input_grad_rows(vals, ridx, w), oracle("linear_input_grad_rows", vals, ridx, w), torch.float32, device)
+    assert_matches(
+        ops.linear_input_grad_rows(vals, ridx, w),
+        oracle("linear_input_grad_rows", vals, ridx, w),
+        torch.float32,
+        device,
+    )
     got = ops.linear_weight_grad_rows(vals, ridx, x, 4, None)
     assert_matches(got, oracle("linear_weight_grad_rows", vals, ridx, x, 4, None), torch.float32, device)
     got = ops.linear_input_grad_unified(dy, w, uidx)
@@ -221,11 +228,26 @@ def test_strided_inputs(backend_device):
     idx = distinct_index(40, 12, gen, device)[::2]  # a strided index
     assert not (dy.is_contiguous() or x.is_contiguous() or w.is_contiguous() or idx.is_contiguous())
     assert torch.equal(ops.topk_unified(dy, 6).cpu(), oracle("topk_unified", dy, 6))
-    assert_matches(ops.linear_input_grad_unified(dy, w, idx), oracle("linear_input_grad_unified", dy, w, idx), torch.float32, device)
-    assert_matches(ops.linear_weight_grad_unified(dy, x, idx), oracle("linear_weight_grad_unified", dy, x, idx), torch.float32, device)
+    assert_matches(
+        ops.linear_input_grad_unified(dy, w, idx),
+        oracle("linear_input_grad_unified", dy, w, idx),
+        torch.float32,
+        device,
+    )
+    assert_matches(
+        ops.linear_weight_grad_unified(dy, x, idx),
+        oracle("linear_weight_grad_unified", dy, x, idx),
+        torch.float32,
+        device,
+    )
     vals, ridx = ops.topk_rows(dy, 6)
     vals, ridx = vals.t().contiguous().t(), ridx.t().contiguous().t()  # column-major (N, k)
-    assert_matches(ops.linear_input_grad_rows(vals, ridx, w), oracle("linear_input_grad_rows", vals, ridx, w), torch.float32, device)
+    assert_matches(
+        ops.linear_input_grad_rows(vals, ridx, w),
+        oracle("linear_input_grad_rows", vals, ridx, w),
+        torch.float32,
+        device,
+    )
     got = ops.linear_weight_grad_rows(vals, ridx, x, 40, None)
     assert_matches(got, oracle("linear_weight_grad_rows", vals, ridx, x, 40, None), torch.float32, device)
 
@@ -238,7 +260,9 @@ def test_empty_shapes(backend_device):
         dy, x, w = (torch.randn(s).to(dtype).to(device) for s in ((n, 6), (n, n_in), (6, n_in)))
         for idx in (torch.tensor([2, 5], device=device), torch.zeros(0, dtype=torch.long, device=device)):
             k = idx.shape[0]
-            assert_matches(ops.linear_input_grad_unified(dy, w, idx), torch.zeros(n, n_in, dtype=torch.float64), dtype, device)
+            assert_matches(
+                ops.linear_input_grad_unified(dy, w, idx), torch.zeros(n, n_in, dtype=torch.float64), dtype, device
+            )
             rows = ops.linear_weight_grad_unified(dy, x, idx)
             assert_matches(rows, torch.zeros(k, n_in, dtype=torch.float64), dtype, device)
             assert_matches(ops.scatter_rows(rows, idx, 6), torch.zeros(6, n_in, dtype=torch.float64), dtype, device)
@@ -335,7 +359,9 @@ def test_opcheck_every_op(backend_device):
         utils += ("test_aot_dispatch_dynamic",)
     for op in OP_NAMES:
         torch.library.opcheck(getattr(ops, op), args[op], test_utils=utils)
-        grad_args = tuple(a.detach().requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a for a in args[op])
+        grad_args = tuple(
+            a.detach().requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a for a in args[op]
+        )
         torch.library.opcheck(getattr(ops, op), grad_args, test_utils=("test_autograd_registration",))
     out = ops.linear_input_grad_unified(dy.requires_grad_(), w, idx)
     with pytest.raises(RuntimeError, match="not implemented|no autograd formula"):  # names the op

@@ -19,8 +19,12 @@ def test_large_products(dtype, gen):
     n, n_in, out, k = 1024, 1024, 2048, 16
     dy, x, w = gaussian((n, out), dtype, gen), gaussian((n, n_in), dtype, gen), gaussian((out, n_in), dtype, gen)
     idx = torch.randperm(out, generator=gen)[:k]
-    assert_matches(cpu.linear_input_grad_unified(dy, w, idx), oracle("linear_input_grad_unified", dy, w, idx), dtype, "cpu")
-    assert_matches(cpu.linear_weight_grad_unified(dy, x, idx), oracle("linear_weight_grad_unified", dy, x, idx), dtype, "cpu")
+    assert_matches(
+        cpu.linear_input_grad_unified(dy, w, idx), oracle("linear_input_grad_unified", dy, w, idx), dtype, "cpu"
+    )
+    assert_matches(
+        cpu.linear_weight_grad_unified(dy, x, idx), oracle("linear_weight_grad_unified", dy, x, idx), dtype, "cpu"
+    )
     rows = gaussian((k, n_in), dtype, gen)
     for kept in (idx, torch.randperm((2 << 20) // (n_in * rows.element_size()), generator=gen)[:k]):
         dense = cpu.scatter_rows(rows, kept, out)
@@ -34,7 +38,11 @@ def test_reused_output_blocks_are_fully_written(gen):
     """Outputs of 1 MB and more come from a cache of freed blocks: poison each, free it, and the next output
     of that size (which reuses the block) must still hold only computed values."""
     n, n_in, out, k = 512, 1024, 640, 24
-    dy, x, w = gaussian((n, out), torch.float32, gen), gaussian((n, n_in), torch.float32, gen), gaussian((out, n_in), torch.float32, gen)
+    dy, x, w = (
+        gaussian((n, out), torch.float32, gen),
+        gaussian((n, n_in), torch.float32, gen),
+        gaussian((out, n_in), torch.float32, gen),
+    )
     idx = torch.randperm(out, generator=gen)[:k]
     ridx, vals = row_index(n, out, k, gen), gaussian((n, k), torch.float32, gen)
     calls = [

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conformance import assert_matches, assert_zero_outside, gaussian, oracle, row_index, tie_free_columns, tie_free_rows
+from conformance import (
+    assert_matches,
+    assert_zero_outside,
+    gaussian,
+    oracle,
+    row_index,
+    tie_free_columns,
+    tie_free_rows,
+)
 
 import meprop
 from meprop import backends, ops
@@ -65,7 +73,12 @@ def test_products_large(dtype, cuda_ops):
     ref = meprop.reference
     idx = cuda_ops.topk_unified(dy, k)
     poison_allocator(n * n_in * 4)
-    assert_matches(cuda_ops.linear_input_grad_unified(dy, w, idx), ref.linear_input_grad_unified(dy, w, idx).double().cpu(), dtype, DEVICE)
+    assert_matches(
+        cuda_ops.linear_input_grad_unified(dy, w, idx),
+        ref.linear_input_grad_unified(dy, w, idx).double().cpu(),
+        dtype,
+        DEVICE,
+    )
     rows = cuda_ops.linear_weight_grad_unified(dy, x, idx)
     assert_matches(rows, ref.linear_weight_grad_unified(dy, x, idx).double().cpu(), dtype, DEVICE)
     poison_allocator(out * n_in * 4)
@@ -74,14 +87,24 @@ def test_products_large(dtype, cuda_ops):
     assert_zero_outside(dense, idx)
     vals, pidx = cuda_ops.topk_rows(dy, k)
     poison_allocator(n * n_in * 4)
-    assert_matches(cuda_ops.linear_input_grad_rows(vals, pidx, w), ref.linear_input_grad_rows(vals, pidx, w).double().cpu(), dtype, DEVICE)
+    assert_matches(
+        cuda_ops.linear_input_grad_rows(vals, pidx, w),
+        ref.linear_input_grad_rows(vals, pidx, w).double().cpu(),
+        dtype,
+        DEVICE,
+    )
     poison_allocator(out * n_in * 4)
     got = cuda_ops.linear_weight_grad_rows(vals, pidx, x, out, None)
     assert_matches(got, ref.linear_weight_grad_rows(vals, pidx, x, out).double().cpu(), dtype, DEVICE)
     n = 70_000
     ridx, vals = row_index(n, 12, 3, gen, DEVICE), gaussian((n, 3), dtype, gen, DEVICE)
     x, w = gaussian((n, 5), dtype, gen, DEVICE), gaussian((12, 5), dtype, gen, DEVICE)
-    assert_matches(cuda_ops.linear_input_grad_rows(vals, ridx, w), ref.linear_input_grad_rows(vals, ridx, w).double().cpu(), dtype, DEVICE)
+    assert_matches(
+        cuda_ops.linear_input_grad_rows(vals, ridx, w),
+        ref.linear_input_grad_rows(vals, ridx, w).double().cpu(),
+        dtype,
+        DEVICE,
+    )
     got = cuda_ops.linear_weight_grad_rows(vals, ridx, x, 12, None)
     assert_matches(got, ref.linear_weight_grad_rows(vals, ridx, x, 12).double().cpu(), dtype, DEVICE)
 
@@ -108,7 +131,9 @@ def test_functional_linear_matches_reference_backend(mode, dtype, sparse_grad):
         x, w, b = (gaussian(s, dtype, gen, DEVICE).requires_grad_() for s in ((n, n_in), (out, n_in), (out,)))
         dy = (tie_free_rows if "unified" not in mode else tie_free_columns)(n, out, dtype, gen, DEVICE)
         g = torch.Generator(device=DEVICE).manual_seed(22)
-        meprop.functional.linear(x, w, b, k=k, mode=mode, backend=backend, sparse_grad=sparse_grad, generator=g).backward(dy)
+        meprop.functional.linear(
+            x, w, b, k=k, mode=mode, backend=backend, sparse_grad=sparse_grad, generator=g
+        ).backward(dy)
         grads[backend] = (x.grad, w.grad.to_dense() if sparse_grad else w.grad, b.grad)
     for got, want in zip(grads["cuda"], grads["reference"]):
         assert_matches(got, want.double().cpu(), dtype, DEVICE)

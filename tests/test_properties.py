@@ -55,7 +55,9 @@ def test_unified_pipeline(backend_device):
         dy, x, w, k, dtype = _inputs(case, device, tie_free_columns)
         idx = ops.topk_unified(dy, k)
         assert torch.equal(idx.cpu(), oracle("topk_unified", dy, k))
-        assert_matches(ops.linear_input_grad_unified(dy, w, idx), oracle("linear_input_grad_unified", dy, w, idx), dtype, device)
+        assert_matches(
+            ops.linear_input_grad_unified(dy, w, idx), oracle("linear_input_grad_unified", dy, w, idx), dtype, device
+        )
         rows = ops.linear_weight_grad_unified(dy, x, idx)
         assert_matches(rows, oracle("linear_weight_grad_unified", dy, x, idx), dtype, device)
         dense = ops.scatter_rows(rows, idx, dy.shape[1])
@@ -78,7 +80,9 @@ def test_per_example_pipeline(backend_device):
         vals, idx = ops.topk_rows(dy, k)
         want_vals, want_idx = oracle("topk_rows", dy, k)
         assert torch.equal(idx.cpu(), want_idx) and torch.equal(vals.cpu().double(), want_vals)
-        assert_matches(ops.linear_input_grad_rows(vals, idx, w), oracle("linear_input_grad_rows", vals, idx, w), dtype, device)
+        assert_matches(
+            ops.linear_input_grad_rows(vals, idx, w), oracle("linear_input_grad_rows", vals, idx, w), dtype, device
+        )
         dense = ops.linear_weight_grad_rows(vals, idx, x, out, None)
         assert_matches(dense, oracle("linear_weight_grad_rows", vals, idx, x, out, None), dtype, device)
         assert_zero_outside(dense, torch.unique(idx.cpu()))

@@ -362,7 +362,9 @@ def test_ddp_trains_and_matches_nn_linear_at_dense_k(tmp_path):
     port = str(_free_port())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [
-        subprocess.Popen([sys.executable, "-c", script, str(r), port, str(tmp_path)], env=env, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(r), port, str(tmp_path)], env=env, stderr=subprocess.PIPE, text=True
+        )
         for r in range(2)
     ]
     for p in procs:

@@ -38,7 +38,9 @@ def _run_python(code: str, interpret: bool) -> subprocess.CompletedProcess:
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300, env=env
+    )
 
 
 def test_custom_op_fallback_without_triton_op():
@@ -159,7 +161,9 @@ def test_kernels_compile_for_hopper():
 # --- GPU only ---------------------------------------------------------------------------------------------
 
 
-needs_compiled_cuda = pytest.mark.skipif(not HAS_CUDA or mt.INTERPRETED, reason="needs CUDA and compiled Triton kernels")
+needs_compiled_cuda = pytest.mark.skipif(
+    not HAS_CUDA or mt.INTERPRETED, reason="needs CUDA and compiled Triton kernels"
+)
 
 
 @needs_compiled_cuda

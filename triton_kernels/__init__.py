@@ -12,6 +12,7 @@ device assertion (no host synchronisation).
 """
 
 import torch
+
 from meprop.opdefs import OP_NAMES
 
 from . import ops as _ops  # noqa: F401  (registers torch.ops.meprop_triton.*)

@@ -10,6 +10,7 @@ import os
 
 import torch
 import triton
+
 from meprop.opdefs import OPS
 
 __all__ = ["DTYPES", "INTERPRETED", "HAS_TRITON_OP", "MAX_K", "NAMESPACE", "autotune", "launch", "library_op"]
@@ -36,8 +37,10 @@ def _check_limits(name: str, args: tuple) -> None:
         if isinstance(t, torch.Tensor):
             torch._check_value(
                 t.device.type == _DEVICE,
-                lambda: f"meprop.{name}: the Triton kernels take {_DEVICE.upper()} tensors here "
-                f"({'interpreter' if INTERPRETED else 'compiled'} mode), got one on {t.device}",
+                lambda: (
+                    f"meprop.{name}: the Triton kernels take {_DEVICE.upper()} tensors here "
+                    f"({'interpreter' if INTERPRETED else 'compiled'} mode), got one on {t.device}"
+                ),
             )
             torch._check_type(
                 not t.is_floating_point() or t.dtype in DTYPES,
@@ -47,6 +50,7 @@ def _check_limits(name: str, args: tuple) -> None:
         torch._check_value(
             args[1] <= MAX_K, lambda: f"meprop.{name}: the Triton top-k kernels take k <= {MAX_K}, got k={args[1]}"
         )
+
 
 # torch >= 2.6 can trace Triton launches inside a triton_op; older torch gets a plain custom op.
 HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")

@@ -47,9 +47,7 @@ def topk_rows(dy: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return vals, idx
     plan = _topk_plan(n_cols, k)
     grid = (triton.cdiv(n_rows, plan["ROWS"]),)
-    launch(topk_kernels.topk_kernel)[grid](
-        dy, vals, idx, n_rows, n_cols, 1, 0, k, WRITE_VALS=True, **plan
-    )
+    launch(topk_kernels.topk_kernel)[grid](dy, vals, idx, n_rows, n_cols, 1, 0, k, WRITE_VALS=True, **plan)
     return vals, idx
 
 
@@ -71,7 +69,9 @@ def topk_unified(dy: torch.Tensor, k: int) -> torch.Tensor:
     )
     idx = dy.new_empty((k,), dtype=torch.long)
     plan = {**_topk_plan(n_cols, k), "ROWS": 1}
-    launch(topk_kernels.topk_kernel)[(1,)](partial, partial, idx, 1, n_cols, n_parts, n_cols, k, WRITE_VALS=False, **plan)
+    launch(topk_kernels.topk_kernel)[(1,)](
+        partial, partial, idx, 1, n_cols, n_parts, n_cols, k, WRITE_VALS=False, **plan
+    )
     return idx
 
 

@@ -170,7 +170,18 @@ def scatter_rows(rows: torch.Tensor, idx: torch.Tensor, out_features: int) -> to
 
 
 @library_op("linear_backward_unified")
-def linear_backward_unified(dy, x, weight, k, idx, input_grad, weight_grad, bias_grad, rows_only, reuse_grad):
+def linear_backward_unified(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    k: int,
+    idx: Optional[torch.Tensor],
+    input_grad: bool,
+    weight_grad: bool,
+    bias_grad: bool,
+    rows_only: bool,
+    reuse_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The whole unified backward in one op: the Triton selection and products (see meprop.opdefs)."""
     kept = topk_unified(dy, k) if idx is None else idx.clone()  # (an op's outputs may not alias its inputs)
     dx = linear_input_grad_unified(dy, weight, kept) if input_grad else dy.new_empty((0,))
@@ -185,7 +196,18 @@ def linear_backward_unified(dy, x, weight, k, idx, input_grad, weight_grad, bias
 
 
 @library_op("linear_backward_rows")
-def linear_backward_rows(dy, x, weight, k, idx, input_grad, weight_grad, bias_grad, rows_only, reuse_grad):
+def linear_backward_rows(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    k: int,
+    idx: Optional[torch.Tensor],
+    input_grad: bool,
+    weight_grad: bool,
+    bias_grad: bool,
+    rows_only: bool,
+    reuse_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The whole per-example backward in one op: the Triton selection and products (see meprop.opdefs)."""
     if idx is None:
         vals, idx = topk_rows(dy, k)

@@ -119,19 +119,22 @@ def linear_backward(
     """
     if not isinstance(backend, backends.Backend):
         backend = backends.resolve(backend, weight.device, weight.dtype, k)
-    out_features, in_features = weight.shape
-    dy = grad_output.reshape(-1, out_features)
+    flat = grad_output.dim() == 2  # (2-D inputs skip the reshapes: a few microseconds each at small sizes)
+    dy = grad_output if flat else grad_output.reshape(-1, weight.shape[0])
     if dy.dtype != weight.dtype:
         dy = dy.to(weight.dtype)
-    x = input.reshape(dy.shape[0], in_features)  # (not -1: in_features may be 0)
-    flags = (input_grad, weight_grad, bias_grad, sparse_grad, reuse_grad)
+    x = input if flat else input.reshape(dy.shape[0], weight.shape[1])  # (not -1: in_features may be 0)
     if mode == "unified" or mode == "random_unified":
         idx = None if mode == "unified" else reference.random_unified(dy, k, generator)
-        dx, dw, db, rows = backend.linear_backward_unified(dy, x, weight, k, idx, *flags)
+        dx, dw, db, rows = backend.linear_backward_unified(
+            dy, x, weight, k, idx, input_grad, weight_grad, bias_grad, sparse_grad, reuse_grad
+        )
     else:
         idx = None if mode == "per_example" else reference.random_rows(dy, k, generator)[1]
-        dx, dw, db, rows = backend.linear_backward_rows(dy, x, weight, k, idx, *flags)
-    dx = dx.reshape(input.shape) if input_grad else None
+        dx, dw, db, rows = backend.linear_backward_rows(
+            dy, x, weight, k, idx, input_grad, weight_grad, bias_grad, sparse_grad, reuse_grad
+        )
+    dx = (dx if flat else dx.reshape(input.shape)) if input_grad else None
     if weight_grad and sparse_grad:
         dw = torch.sparse_coo_tensor(rows.unsqueeze(0), dw, weight.shape, is_coalesced=True, check_invariants=False)
     return dx, dw if weight_grad else None, db if bias_grad else None

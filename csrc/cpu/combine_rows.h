@@ -62,11 +62,11 @@ void for_each_packed_strip(const T* src, int64_t rows, int64_t n_cols, Fn&& fn) 
   const auto run = [&](auto vecs) {
     constexpr int64_t kStrip = decltype(vecs)::value * Simd<acc>::kLanes;
     at::parallel_for(0, (n_cols + kStrip - 1) / kStrip, 1, [&](int64_t s0, int64_t s1) {
-      std::vector<acc> panel(rows * kStrip);
+      acc* panel = scratch<acc, 0>(rows * kStrip);
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t c = s * kStrip, width = std::min(kStrip, n_cols - c);
-        pack_strips(src, n_cols, rows, c, width, kStrip, 1, panel.data());
-        fn(vecs, static_cast<const acc*>(panel.data()), c, width);
+        pack_strips(src, n_cols, rows, c, width, kStrip, 1, panel);
+        fn(vecs, static_cast<const acc*>(panel), c, width);
       }
       store_fence();  // order the strips' non-temporal stores, if any, before the join
     });

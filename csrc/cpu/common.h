@@ -50,6 +50,17 @@ inline void index_values(const char* op, const char* name, const at::Tensor& idx
   TORCH_CHECK_VALUE(repeated == bound, "meprop.", op, ": ", name, " holds ", repeated, " more than once");
 }
 
+// Per-thread scratch memory, kept from call to call. A fresh std::vector above glibc's mmap threshold
+// (128 KB) comes from the kernel as new pages on every call, and their faults cost more than a small layer's
+// whole product. Each call site has its own Tag, so buffers in use at the same time are distinct; the
+// contents are unspecified (callers write before they read). Memory: the largest size asked, per thread.
+template <typename T, int Tag>
+T* scratch(size_t n) {
+  thread_local std::vector<T> buffer;
+  if (buffer.size() < n) buffer.resize(n);
+  return buffer.data();
+}
+
 // Grain sizes for at::parallel_for, in rows, so that one task is worth a thread's start-up.
 inline int64_t row_grain(int64_t row_work) {
   constexpr int64_t kWorkPerTask = 1 << 15;

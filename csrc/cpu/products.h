@@ -28,7 +28,8 @@ inline void unified_input_grad(const at::Tensor& dy, const at::Tensor& w, const 
     const scalar_t* pw = w.const_data_ptr<scalar_t>();
     const int64_t* pi = idx.const_data_ptr<int64_t>();
     // The compacted blocks, in the accumulation type: a = dy[:, idx] (N x k), b = W[idx, :] (k x in).
-    std::vector<acc> a(n_rows * k), b(k * n_in);
+    acc* a = scratch<acc, 2>(n_rows * k);
+    acc* b = scratch<acc, 3>(k * n_in);
     at::parallel_for(0, n_rows, row_grain(k), [&](int64_t r0, int64_t r1) {
       for (int64_t n = r0; n < r1; ++n)
         for (int64_t j = 0; j < k; ++j) a[n * k + j] = static_cast<acc>(pdy[n * n_out + pi[j]]);
@@ -37,7 +38,7 @@ inline void unified_input_grad(const at::Tensor& dy, const at::Tensor& w, const 
       for (int64_t j = j0; j < j1; ++j)
         for (int64_t c = 0; c < n_in; ++c) b[j * n_in + c] = static_cast<acc>(pw[pi[j] * n_in + c]);
     });
-    small_gemm(n_rows, n_in, k, a.data(), k, b.data(), n_in, dx.mutable_data_ptr<scalar_t>(), n_in);
+    small_gemm(n_rows, n_in, k, a, k, b, n_in, dx.mutable_data_ptr<scalar_t>(), n_in);
   });
 }
 
@@ -53,12 +54,12 @@ inline void unified_weight_rows(const at::Tensor& dy, const at::Tensor& x, const
     using acc = acc_t<scalar_t>;
     const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
     const int64_t* pi = idx.const_data_ptr<int64_t>();
-    std::vector<acc> at_(k * n_rows);  // dy[:, idx]^T (k x N), in the accumulation type
+    acc* at_ = scratch<acc, 4>(k * n_rows);  // dy[:, idx]^T (k x N), in the accumulation type
     at::parallel_for(0, n_rows, row_grain(k), [&](int64_t r0, int64_t r1) {
       for (int64_t n = r0; n < r1; ++n)
         for (int64_t j = 0; j < k; ++j) at_[j * n_rows + n] = static_cast<acc>(pdy[n * n_out + pi[j]]);
     });
-    small_gemm(k, n_in, n_rows, at_.data(), n_rows, x.const_data_ptr<scalar_t>(), n_in,
+    small_gemm(k, n_in, n_rows, at_, n_rows, x.const_data_ptr<scalar_t>(), n_in,
                rows.mutable_data_ptr<scalar_t>(), n_in);
   });
 }

@@ -68,15 +68,15 @@ void small_gemm(int64_t M, int64_t Ncols, int64_t K, const acc* A, int64_t lda, 
   const int64_t blocks = (strips + block_strips - 1) / block_strips, block = block_strips * kCols;
   const bool stream = depth == K && stream_output<acc>(C, M, ldc);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc> panel(depth * block);
+    acc* panel = scratch<acc, 1>(depth * block);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t c0 = b * block, width = std::min(block, Ncols - c0);
       for (int64_t j0 = 0; j0 == 0 || j0 < K; j0 += depth) {  // K = 0 still writes zeros
         const int64_t d = std::min(depth, K - j0);
-        pack_strips(B + j0 * ldb, ldb, d, c0, width, kCols, block_strips, panel.data());
+        pack_strips(B + j0 * ldb, ldb, d, c0, width, kCols, block_strips, panel);
         const auto row_tile = [&](auto rows, int64_t m) {
           for (int64_t s = 0; s * kCols < width; ++s)
-            small_gemm_tile<decltype(rows)::value>(d, A + m * lda + j0, lda, panel.data() + s * d * kCols,
+            small_gemm_tile<decltype(rows)::value>(d, A + m * lda + j0, lda, panel + s * d * kCols,
                                                    C + m * ldc + c0 + s * kCols, ldc,
                                                    std::min(kCols, width - s * kCols), j0 > 0, stream);
         };

@@ -20,7 +20,7 @@ Examples::
 
     python benchmarks/mnist.py --quick
     python benchmarks/mnist.py --runs dense,unified-30 --seeds 1,2,3 --checkpoint ckpt --resume --json out.json
-    python benchmarks/mnist.py --combine full.json timing.json --json mnist.json --plot mnist.png
+    python benchmarks/mnist.py --combine seed1.json seed2.json --timing timing.json --json mnist.json --plot mnist.png
 """
 
 from __future__ import annotations
@@ -146,12 +146,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--skip-epochs", type=int, default=0, help="leave the first N epochs out of the mean times (warm-up)")
     parser.add_argument("--json", type=Path, help="write the results (or the combined report) here")
     parser.add_argument("--plot", type=Path, help="with --combine: write the PNG here")
-    parser.add_argument("--combine", nargs=2, type=Path, metavar=("ACCURACY_JSON", "TIMING_JSON"),
-                        help="merge a full-protocol run's JSON (accuracy) and a timed run's JSON (speed) into one report")
+    parser.add_argument("--combine", nargs="+", type=Path, metavar="ACCURACY_JSON",
+                        help="merge full-protocol runs' JSONs (accuracy) and --timing's JSON (speed) into one report")
+    parser.add_argument("--timing", type=Path, metavar="TIMING_JSON", help="with --combine: the timed run's JSON")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     parser.add_argument("--report-only", action="store_true",
                         help="no training: summarise the runs saved in --checkpoint DIR (unfinished ones marked)")
     args = parser.parse_args(argv)
+    if args.combine and args.timing is None:
+        parser.error("--combine needs --timing TIMING_JSON")
     if args.report_only and args.checkpoint is None:
         parser.error("--report-only needs --checkpoint DIR")
     if args.resume and args.checkpoint is None:
@@ -202,21 +205,22 @@ def configs_from_args(args) -> list[RunConfig]:
     return configs
 
 
-def combine(accuracy_path: Path, timing_path: Path) -> dict:
-    """One report: accuracy from the full-protocol JSON, speed from the timed JSON."""
-    full = json.loads(accuracy_path.read_text())
+def combine(accuracy_paths: list[Path], timing_path: Path) -> dict:
+    """One report: accuracies from the full-protocol JSONs (their runs concatenated), speed from the timed JSON."""
+    fulls = [json.loads(path.read_text()) for path in accuracy_paths]
     timed = json.loads(timing_path.read_text())
     add_speedups(timed["runs"])  # the full runs' times were taken under load: no speedups from them
-    full["runs"] = [{k: v for k, v in r.items() if not k.endswith("_speedup")} for r in full["runs"]]
+    runs = [{k: v for k, v in r.items() if not k.endswith("_speedup")} for full in fulls for r in full["runs"]]
     return dict(
         description="meProp / meSimp on MNIST (benchmarks/mnist.py). Accuracies: 'accuracy' (full protocol). "
         "Times and speedups: 'timing' (a separate short run with the CPU to itself).",
-        accuracy=dict(how="full protocol, run as a background job next to other jobs on a shared CPU: its times are NOT "
-                      "speed measurements", **full),
-        timing=dict(how="short run of the same configurations under /work/bin/cpu-job timed (nothing else running); "
-                    "epoch_s = wall time of the training loop per epoch (no evaluation); backward_s = loss.backward() "
-                    "calls; linear_backward_s = time inside the linear layers' autograd nodes (node pre/post hooks); "
-                    "means over the timed epochs; speedup = dense time / run time", **timed),
+        accuracy=dict(how="full protocol, runs as background jobs next to other jobs on a shared CPU: their times are "
+                      "NOT speed measurements", machine=fulls[0]["machine"], protocol=fulls[0]["protocol"], runs=runs,
+                      summary=aggregate(runs)),
+        timing=dict(how="short runs of the same configurations with nothing else running; epoch_s = wall time of the "
+                    "training loop per epoch (no evaluation); backward_s = loss.backward() calls; linear_backward_s = "
+                    "time inside the linear layers' autograd nodes (node pre/post hooks); step_s = optimizer.step(); "
+                    "means over the timed epochs; speedup = dense time / run time (same seed)", **timed),
         paper=PAPER,
     )
 
@@ -224,7 +228,7 @@ def combine(accuracy_path: Path, timing_path: Path) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.combine:
-        report = combine(*args.combine)
+        report = combine(args.combine, args.timing)
         print(format_table(aggregate(report["accuracy"]["runs"]), markdown=True))
         print()
         print(format_table(aggregate(report["timing"]["runs"]), markdown=True))

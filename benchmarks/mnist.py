@@ -143,6 +143,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue the runs saved in --checkpoint DIR")
     parser.add_argument("--stop-after", type=float, metavar="SECONDS", help="stop (resumable) after the epoch that passes this")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--flush-denormal", action="store_true",
+                        help="torch.set_flush_denormal(True): Adam's moments of rows that meProp leaves unselected for "
+                             "many steps decay into denormal floats, which CPUs compute very slowly")
     parser.add_argument("--skip-epochs", type=int, default=0, help="leave the first N epochs out of the mean times (warm-up)")
     parser.add_argument("--json", type=Path, help="write the results (or the combined report) here")
     parser.add_argument("--plot", type=Path, help="with --combine: write the PNG here")
@@ -239,6 +242,8 @@ def main(argv=None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.flush_denormal and not torch.set_flush_denormal(True):
+        print("--flush-denormal: this CPU cannot flush denormals; running without", file=sys.stderr)
     data = load_splits(args.data_dir, args.device)
     configs = configs_from_args(args)
     if args.checkpoint:

@@ -1,7 +1,9 @@
 // The whole per-example backward of one layer on CPU, in one call: the per-row top-k selection with the bias
-// gradient summed in the same pass over dy, both sparse products, and the weight gradient dense (a reused
-// buffer, grad_buffer.h) or as its touched rows.
+// gradient summed in the same pass over dy, both sparse products, and the weight gradient dense (every row
+// written when most are touched, else a reused buffer, grad_buffer.h) or as its touched rows.
 #include <torch/library.h>
+
+#include <numeric>
 
 #include "grad_buffer.h"
 #include "products.h"
@@ -83,6 +85,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_backward_rows_
       std::copy(targets.begin(), targets.end(), rows.mutable_data_ptr<int64_t>());
       dw = empty_for_write({n_targets, n_in}, dy.options());
       rows_weight_grad(vals, idx, x, pos, n_targets, nullptr, dw);
+    } else if (2 * n_targets > n_out) {
+      // Most rows touched (the usual per-example case): every row is written, untouched ones as zeros, with
+      // streaming stores into a fresh block; no buffer to take back and clear.
+      std::iota(pos.begin(), pos.end(), int64_t{0});
+      dw = empty_for_write({n_out, n_in}, dy.options());
+      rows_weight_grad(vals, idx, x, pos, n_out, nullptr, dw);
     } else {
       dw = GradBuffers::take(weight_in, dy.options(), written, reuse_grad);
       rows_weight_grad(vals, idx, x, pos, n_targets, targets.data(), dw);

@@ -3,16 +3,28 @@
 ``meprop.Linear`` is a drop-in ``nn.Linear`` whose backward keeps only the top-k entries of the output
 gradient; ``meprop.convert`` swaps it into an existing model; ``meprop.functional.linear`` is the function.
 The ops (defined once in ``meprop.opdefs``) run on fused C++ (CPU), CUDA or Triton kernels, all checked against
-``meprop.reference``; ``meprop.backends`` says which backend can run what.
+``meprop.reference``; ``meprop.backends`` says which backend can run what; ``meprop.distributed`` makes DDP
+training select for the global batch and all-reduce only the kept rows.
 """
 
 import warnings
 
-from . import backends, functional, opdefs, ops, reference
+from . import backends, distributed, functional, opdefs, ops, reference
 from .functional import MODES, linear_backward
 from .modules import Linear, convert
 
-__all__ = ["Linear", "convert", "functional", "backends", "opdefs", "reference", "ops", "MODES", "linear_backward"]
+__all__ = [
+    "Linear",
+    "convert",
+    "functional",
+    "backends",
+    "distributed",
+    "opdefs",
+    "reference",
+    "ops",
+    "MODES",
+    "linear_backward",
+]
 __version__ = "0.1.0"
 
 if ops.EXTENSION_ERROR is not None:

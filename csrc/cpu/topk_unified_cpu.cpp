@@ -18,15 +18,7 @@ at::Tensor topk_unified_cpu(const at::Tensor& dy_in, int64_t k) {
     using acc = acc_t<scalar_t>;
     const scalar_t* p = dy.const_data_ptr<scalar_t>();
     std::vector<acc> score(n_cols);
-    // Each thread owns a band of columns and streams every row through it: no reduction across threads.
-    at::parallel_for(0, n_cols, 512, [&](int64_t c0, int64_t c1) {
-      acc* s = score.data();
-      std::fill(s + c0, s + c1, acc(0));
-      for (int64_t n = 0; n < n_rows; ++n) {
-        const scalar_t* row = p + n * n_cols;
-        for (int64_t c = c0; c < c1; ++c) s[c] += std::abs(static_cast<acc>(row[c]));
-      }
-    });
+    column_abs_sums(p, n_rows, n_cols, score.data());
     std::vector<int64_t> order(n_cols);
     std::iota(order.begin(), order.end(), int64_t{0});
     std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t b) {

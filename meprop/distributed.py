@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from . import reference
 
-__all__ = ["SyncSelection", "RowSparseHook", "register_row_sparse_hook"]
+__all__ = ["RowSparseHook", "SyncSelection", "register_row_sparse_hook"]
 
 # Selections kept per layer before they are folded into their union (gradient accumulation over many steps).
 _MAX_PENDING = 16
@@ -232,7 +232,9 @@ def register_row_sparse_hook(ddp_model) -> RowSparseHook:
     """
     where = "meprop.distributed.register_row_sparse_hook"
     if not isinstance(ddp_model, _ddp_class()):
-        raise TypeError(f"{where}: ddp_model must be a torch.nn.parallel.DistributedDataParallel, got {type(ddp_model)}")
+        raise TypeError(
+            f"{where}: ddp_model must be a torch.nn.parallel.DistributedDataParallel, got {type(ddp_model)}"
+        )
     group = ddp_model.process_group
     syncs: dict[int, tuple[torch.nn.Parameter, SyncSelection]] = {}
     owners: dict[int, int] = {}
@@ -272,4 +274,3 @@ def refuse_sparse_grad_under_ddp(weight: torch.Tensor, where: str) -> None:
             "gradients and fails on a sparse one); use sparse_grad=False with sync_selection=True and "
             "meprop.distributed.register_row_sparse_hook(ddp_model), which all-reduces only the kept rows"
         )
-

@@ -1,12 +1,13 @@
 """One rank of the data-parallel tests (tests/test_distributed.py starts the ranks as subprocesses).
 
-Usage: ``python distributed_worker.py SCENARIO RANK WORLD PORT OUT_DIR``, gloo over loopback.
+Usage: ``python distributed_worker.py RANK WORLD PORT OUT_DIR``, gloo over loopback. Two phases:
 
-- ``train``: for float64 and float32, SGD (momentum) and Adam: 3 DDP steps of a converted MLP with synchronised
+- train: for float64 and float32, SGD (momentum) and Adam: 3 DDP steps of a converted MLP with synchronised
   selection, without and with the row-sparse hook, with local selection, and 2 ``no_sync`` micro-steps plus a
   synchronised one; rank 0 also trains one process on the global batches. Saves ``rank<r>.pt``.
-- ``crash``: two synchronised DDP steps, then the last rank exits abruptly; the others take a third step and
-  must fail with a clear error (they print it and exit 3).
+- crash: two synchronised DDP steps, then the last rank exits abruptly (code 7); the others take a third step
+  and must fail with a clear error within the group's timeout: they print it with the seconds it took and
+  exit with code 3.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -26,6 +28,7 @@ SIZES = (10, 32, 24, 6)  # an MLP 10 -> 32 -> 24 -> 6
 K = 5  # kept columns of the hidden layers (the 6-wide output layer keeps 3)
 PER_RANK = 4  # examples per rank and step
 STEPS = 3
+TIMEOUT_S = 30  # the process group's timeout
 
 
 def make_model(dtype: torch.dtype, sync: bool) -> nn.Module:
@@ -133,28 +136,27 @@ def crash(rank: int, world: int) -> None:
     for step, (x, y) in enumerate(batches(world, torch.float32)):
         if step == 2 and rank == world - 1:
             os._exit(7)  # dies without a word, as a killed process does
+        start = time.monotonic()
         try:
             nn.functional.mse_loss(ddp(x[mine]), y[mine]).backward()
         except RuntimeError as exc:
-            print(f"rank {rank} step {step}: {exc}", file=sys.stderr, flush=True)
+            print(f"rank {rank} step {step} failed after {time.monotonic() - start:.1f} s: {exc}", file=sys.stderr)
+            sys.stderr.flush()
             os._exit(3)
 
 
 def main() -> None:
-    scenario, rank, world, port, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world,
-        timeout=datetime.timedelta(seconds=30),
+        timeout=datetime.timedelta(seconds=TIMEOUT_S),
     )
-    if scenario == "train":
-        train(rank, world, out)
-    else:
-        crash(rank, world)
-    dist.destroy_process_group()
+    train(rank, world, out)
+    crash(rank, world)
 
 
 if __name__ == "__main__":

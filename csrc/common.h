@@ -158,4 +158,24 @@ inline void scatter_rows(const at::Tensor& rows, const at::Tensor& idx, int64_t 
   size_match(op, "idx entries and rows", idx.size(0), rows.size(0));
 }
 
+// The fused backward ops: dy (N, out), x (N, in), weight (out, in), k in [1, out], and idx (k distinct columns,
+// idx_dims = 1, or (N, k) per-example entries, idx_dims = 2) when given.
+inline void linear_backward(const char* op, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                            int64_t k, const std::optional<at::Tensor>& idx, int64_t idx_dims) {
+  matrix(op, "dy", dy);
+  matrix(op, "x", x);
+  matrix(op, "weight", weight);
+  like(op, "x", x, "dy", dy);
+  like(op, "weight", weight, "dy", dy);
+  size_match(op, "dy rows and x rows", dy.size(0), x.size(0));
+  size_match(op, "dy columns and weight rows", dy.size(1), weight.size(0));
+  size_match(op, "x columns and weight columns", x.size(1), weight.size(1));
+  k_range(op, k, dy.size(1));
+  if (idx.has_value()) {
+    index(op, "idx", *idx, idx_dims, dy);
+    size_match(op, "k and idx entries", k, idx->size(-1));
+    if (idx_dims == 2) size_match(op, "idx rows and dy rows", idx->size(0), dy.size(0));
+  }
+}
+
 }  // namespace meprop::checks

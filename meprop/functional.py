@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 
 from . import backends, distributed, reference
-from .reference import accumulate_dtype
 
 __all__ = ["MODES", "linear", "linear_backward", "resolve_k"]
 
@@ -93,11 +92,6 @@ def _autocast(input, weight, bias):
     return cast(input), cast(weight), cast(bias)
 
 
-def _row_sparse(rows: torch.Tensor, idx: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """A coalesced sparse COO tensor of ``shape`` holding ``rows[i]`` at row ``idx[i]`` (unique, ascending)."""
-    return torch.sparse_coo_tensor(idx.unsqueeze(0), rows, shape, is_coalesced=True, check_invariants=False)
-
-
 def linear_backward(
     grad_output: torch.Tensor,
     input: torch.Tensor,
@@ -112,47 +106,40 @@ def linear_backward(
     sparse_grad: bool = False,
     generator: torch.Generator | None = None,
     sync: distributed.SyncSelection | None = None,
+    reuse_grad: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """meProp's backward of ``y = input W^T + b`` for ``grad_output`` of shape ``(..., out)``.
+    """meProp's backward of ``y = input W^T + b`` for ``grad_output`` of shape ``(..., out)``, in one op call.
 
     ``k`` is the resolved int (``1 <= k < out``) and ``backend`` a backend name or :class:`~meprop.backends.Backend`;
     with ``sync`` the unified selections are those of the whole process group (:mod:`meprop.distributed`).
     Returns ``(dx, dW, db)``: ``dx`` shaped like ``input``, ``dW (out, in)`` dense or, with ``sparse_grad``, a
     coalesced sparse COO tensor holding only the touched rows, ``db (out,)``; None where not asked for.
+    ``reuse_grad``: the CPU kernels may return the dense ``dW`` they returned for this weight last time, if nothing
+    holds it any more and it was not written since (its version counter); only its previously written rows are
+    cleared instead of all of it. Writes that bypass the version counter (through ``.data``, a raw pointer or
+    NumPy) are not seen: ``MEPROP_REUSE_GRAD=0`` in the environment turns reuse off.
     """
-    ops = (
-        backend if isinstance(backend, backends.Backend) else backends.resolve(backend, weight.device, weight.dtype, k)
-    )
+    if not isinstance(backend, backends.Backend):
+        backend = backends.resolve(backend, weight.device, weight.dtype, k)
     out_features, in_features = weight.shape
-    dy = grad_output.reshape(-1, out_features).to(weight.dtype)
+    dy = grad_output.reshape(-1, out_features)
+    if dy.dtype != weight.dtype:
+        dy = dy.to(weight.dtype)
     x = input.reshape(dy.shape[0], in_features)  # (not -1: in_features may be 0)
-    dx = dw = db = None
-    if mode in ("unified", "random_unified"):
+    flags = (input_grad, weight_grad, bias_grad, sparse_grad, reuse_grad)
+    if mode == "unified" or mode == "random_unified":
         if sync is not None:  # data parallel: one selection for every rank of the group (meprop.distributed)
-            idx = sync.select(dy, k, mode, ops, generator)
+            idx = sync.select(dy, k, mode, backend, generator)
         else:
-            idx = ops.topk_unified(dy, k) if mode == "unified" else reference.random_unified(dy, k, generator)
-        if input_grad:
-            dx = ops.linear_input_grad_unified(dy, weight, idx)
-        if weight_grad and sparse_grad:
-            rows_idx = idx.sort().values  # the rows come out in the ascending order a coalesced tensor needs
-            dw = _row_sparse(ops.linear_weight_grad_unified(dy, x, rows_idx), rows_idx, weight.shape)
-        elif weight_grad:
-            dw = ops.scatter_rows(ops.linear_weight_grad_unified(dy, x, idx), idx, out_features)
+            idx = None if mode == "unified" else reference.random_unified(dy, k, generator)
+        dx, dw, db, rows = backend.linear_backward_unified(dy, x, weight, k, idx, *flags)
     else:
-        vals, idx = ops.topk_rows(dy, k) if mode == "per_example" else reference.random_rows(dy, k, generator)
-        if input_grad:
-            dx = ops.linear_input_grad_rows(vals, idx, weight)
-        if weight_grad and sparse_grad:
-            touched = torch.unique(idx)
-            dw = _row_sparse(ops.linear_weight_grad_rows(vals, idx, x, out_features, touched), touched, weight.shape)
-        elif weight_grad:
-            dw = ops.linear_weight_grad_rows(vals, idx, x, out_features, None)
-    if bias_grad:
-        db = dy.sum(0, dtype=accumulate_dtype(dy.dtype)).to(dy.dtype)
-    if dx is not None:
-        dx = dx.reshape(input.shape).to(input.dtype)
-    return dx, dw, db
+        idx = None if mode == "per_example" else reference.random_rows(dy, k, generator)[1]
+        dx, dw, db, rows = backend.linear_backward_rows(dy, x, weight, k, idx, *flags)
+    dx = dx.reshape(input.shape) if input_grad else None
+    if weight_grad and sparse_grad:
+        dw = torch.sparse_coo_tensor(rows.unsqueeze(0), dw, weight.shape, is_coalesced=True, check_invariants=False)
+    return dx, dw if weight_grad else None, db if bias_grad else None
 
 
 class _SparseLinear(torch.autograd.Function):
@@ -169,15 +156,18 @@ class _SparseLinear(torch.autograd.Function):
         ctx.save_for_backward(input, weight)
         ctx.k, ctx.mode, ctx.backend, ctx.sparse_grad, ctx.generator = k, mode, backend, sparse_grad, generator
         ctx.has_bias, ctx.sync = bias is not None, sync
+        # The dense weight-gradient buffer is reused only in eager mode (a compiled graph may write its
+        # outputs' memory without the version counter seeing it).
+        ctx.reuse_grad = not torch.compiler.is_compiling()
 
     @staticmethod
     def backward(ctx, grad_output):
         input, weight = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        device_type = grad_output.device.type
         # Differentiating again (create_graph, torch.func): the reference products are PyTorch ops, so
         # autograd and functorch see through them; their selection equals the kernels' by contract.
-        backend = "reference" if torch.is_grad_enabled() else ctx.backend
-        device_type = grad_output.device.type
+        again = torch.is_grad_enabled()
         with torch.autocast(device_type, enabled=False) if _autocast_on(device_type) else contextlib.nullcontext():
             dx, dw, db = linear_backward(
                 grad_output,
@@ -185,13 +175,14 @@ class _SparseLinear(torch.autograd.Function):
                 weight,
                 k=ctx.k,
                 mode=ctx.mode,
-                backend=backends.loaded(backend),
+                backend=backends.loaded("reference" if again else ctx.backend),
                 input_grad=need_dx,
                 weight_grad=need_dw,
                 bias_grad=need_db and ctx.has_bias,
                 sparse_grad=ctx.sparse_grad,
                 generator=ctx.generator,
                 sync=ctx.sync,
+                reuse_grad=ctx.reuse_grad and not again,
             )
         return dx, dw, db, None, None, None, None, None, None
 

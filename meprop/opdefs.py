@@ -118,6 +118,50 @@ def _scatter_rows(rows, idx, out_features) -> None:
     checks.index_values(op, "idx", idx, out_features, distinct=True)
 
 
+def _linear_backward(op: str, dy, x, weight, k, idx, idx_dims: int) -> None:
+    checks.matrix(op, "dy", dy)
+    checks.matrix(op, "x", x)
+    checks.matrix(op, "weight", weight)
+    checks.like(op, "x", x, "dy", dy)
+    checks.like(op, "weight", weight, "dy", dy)
+    checks.size_match(op, "dy rows and x rows", dy.shape[0], x.shape[0])
+    checks.size_match(op, "dy columns and weight rows", dy.shape[1], weight.shape[0])
+    checks.size_match(op, "x columns and weight columns", x.shape[1], weight.shape[1])
+    checks.k_range(op, k, dy.shape[1])
+    if idx is not None:
+        checks.index(op, "idx", idx, idx_dims, dy)
+        checks.size_match(op, "k and idx entries", k, idx.shape[-1])
+        if idx_dims == 2:
+            checks.size_match(op, "idx rows and dy rows", idx.shape[0], dy.shape[0])
+        checks.index_values(op, "idx", idx, dy.shape[1], distinct=idx_dims == 1)
+
+
+def _backward_shapes(dy, x, weight, k, input_grad, weight_grad, bias_grad, rows_only, unified: bool):
+    """(dx, dW, db, kept) of a fused backward; an output not asked for is empty (shape (0,))."""
+    nothing = dy.new_empty((0,))
+    dx = dy.new_empty(x.shape) if input_grad else nothing
+    if not weight_grad:
+        dw = nothing
+    elif not rows_only:
+        dw = dy.new_empty(weight.shape)
+    elif unified:
+        dw = dy.new_empty((k, x.shape[1]))
+    else:  # the touched rows: their number depends on the values of idx
+        dw = dy.new_empty((torch.library.get_ctx().new_dynamic_size(), x.shape[1]))
+    db = dy.new_empty((dy.shape[1],)) if bias_grad else nothing
+    if unified:
+        kept = dy.new_empty((k,), dtype=torch.long)
+    else:
+        kept = dy.new_empty((dw.shape[0] if weight_grad and rows_only else 0,), dtype=torch.long)
+    return dx, dw, db, kept
+
+
+_BACKWARD_SIGNATURE = (
+    "(Tensor dy, Tensor x, Tensor weight, int k, Tensor? idx, bool input_grad, bool weight_grad, bool bias_grad, "
+    "bool rows_only, bool reuse_grad) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+
 def _table(*defs: OpDef) -> dict[str, OpDef]:
     return {d.name: d for d in defs}
 
@@ -173,6 +217,25 @@ OPS: dict[str, OpDef] = _table(
             (out_features if rows is None else rows.shape[0], x.shape[1])
         ),
         "dW (out_features, in), dW[j] = sum over idx[n, i] == j of vals[n, i] x[n]; with rows (r,), only those rows.",
+    ),
+    OpDef(
+        "linear_backward_unified",
+        _BACKWARD_SIGNATURE,
+        lambda dy, x, weight, k, idx, *flags: _linear_backward("linear_backward_unified", dy, x, weight, k, idx, 1),
+        lambda dy, x, weight, k, idx, i, w, b, rows_only, reuse: _backward_shapes(dy, x, weight, k, i, w, b, rows_only, True),
+        "The whole unified backward of y = x W^T + b in one call: (dx (N, in), dW, db (out,), kept (k,)); kept = idx "
+        "(k distinct columns, a random-k draw) or the top-k columns of dy; dW dense (out, in), or with rows_only the "
+        "kept rows (k, in) with kept ascending; outputs not asked for are empty. reuse_grad: the dense dW may be the "
+        "buffer returned for this weight last time (see meprop.functional).",
+    ),
+    OpDef(
+        "linear_backward_rows",
+        _BACKWARD_SIGNATURE,
+        lambda dy, x, weight, k, idx, *flags: _linear_backward("linear_backward_rows", dy, x, weight, k, idx, 2),
+        lambda dy, x, weight, k, idx, i, w, b, rows_only, reuse: _backward_shapes(dy, x, weight, k, i, w, b, rows_only, False),
+        "The whole per-example backward in one call: (dx, dW, db, rows); the kept entries are idx (N, k) or the "
+        "per-row top k of |dy|; dW dense (out, in), or with rows_only the touched rows (r, in) and rows (r,) their "
+        "ascending indices; outputs not asked for are empty.",
     ),
     OpDef(
         "scatter_rows",

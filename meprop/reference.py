@@ -34,6 +34,8 @@ __all__ = [
     "linear_input_grad_rows",
     "linear_weight_grad_rows",
     "scatter_rows",
+    "linear_backward_unified",
+    "linear_backward_rows",
 ]
 
 
@@ -149,3 +151,73 @@ def scatter_rows(rows: torch.Tensor, idx: torch.Tensor, out_features: int) -> to
     """
     OPS["scatter_rows"].check(rows, idx, out_features)
     return rows.new_zeros((out_features, rows.shape[1])).index_copy_(0, idx, rows)
+
+
+def linear_backward_unified(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    k: int,
+    idx: torch.Tensor | None = None,
+    input_grad: bool = True,
+    weight_grad: bool = True,
+    bias_grad: bool = True,
+    rows_only: bool = False,
+    reuse_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The unified backward of ``y = x W^T + b`` in one call: ``(dx, dW, db, kept)``.
+
+    ``kept (k,)`` is ``idx`` (k distinct columns, e.g. a random draw) or :func:`topk_unified` of ``dy``;
+    ``dx (N, in)`` as :func:`linear_input_grad_unified`; ``dW`` the dense ``(out, in)`` gradient, or with
+    ``rows_only`` its kept rows ``(k, in)`` with ``kept`` ascending; ``db (out,) = sum_n dy``. An output not
+    asked for is an empty ``(0,)`` tensor. ``reuse_grad`` is a hint the compiled kernels may use (the reference
+    always returns a fresh ``dW``).
+    """
+    OPS["linear_backward_unified"].check(dy, x, weight, k, idx)
+    kept = topk_unified(dy, k) if idx is None else idx
+    nothing = dy.new_empty((0,))
+    dx = linear_input_grad_unified(dy, weight, kept) if input_grad else nothing
+    dw = nothing
+    if weight_grad and rows_only:
+        kept = kept.sort().values
+        dw = linear_weight_grad_unified(dy, x, kept)
+    elif weight_grad:
+        dw = scatter_rows(linear_weight_grad_unified(dy, x, kept), kept, weight.shape[0])
+    db = dy.sum(0, dtype=accumulate_dtype(dy.dtype)).to(dy.dtype) if bias_grad else nothing
+    return dx, dw, db, kept
+
+
+def linear_backward_rows(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    k: int,
+    idx: torch.Tensor | None = None,
+    input_grad: bool = True,
+    weight_grad: bool = True,
+    bias_grad: bool = True,
+    rows_only: bool = False,
+    reuse_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-example backward in one call: ``(dx, dW, db, rows)``.
+
+    The kept entries are ``idx (N, k)`` (e.g. a random draw) or :func:`topk_rows` of ``dy``, with values
+    ``dy.gather(1, idx)``; ``dx`` and ``dW`` as :func:`linear_input_grad_rows` and
+    :func:`linear_weight_grad_rows`; with ``rows_only``, ``dW`` holds the touched rows only and ``rows (r,)``
+    their ascending indices (else ``rows`` is empty); ``db = sum_n dy``.
+    """
+    OPS["linear_backward_rows"].check(dy, x, weight, k, idx)
+    if idx is None:
+        vals, idx = topk_rows(dy, k)
+    else:
+        vals = dy.gather(1, idx)
+    nothing = dy.new_empty((0,))
+    dx = linear_input_grad_rows(vals, idx, weight) if input_grad else nothing
+    dw, rows = nothing, idx.new_empty((0,))
+    if weight_grad and rows_only:
+        rows = torch.unique(idx)
+        dw = linear_weight_grad_rows(vals, idx, x, weight.shape[0], rows)
+    elif weight_grad:
+        dw = linear_weight_grad_rows(vals, idx, x, weight.shape[0])
+    db = dy.sum(0, dtype=accumulate_dtype(dy.dtype)).to(dy.dtype) if bias_grad else nothing
+    return dx, dw, db, rows

@@ -145,7 +145,34 @@ def oracle(op: str, *args):
         for i in range(idx.shape[0]):
             dense[idx[i]] = rows[i]
         return dense
+    if op in ("linear_backward_unified", "linear_backward_rows"):
+        return _oracle_backward(op, *args)
     raise KeyError(op)
+
+
+def _oracle_backward(op, dy, x, w, k, idx, input_grad, weight_grad, bias_grad, rows_only, reuse_grad):
+    """(dx, dW, db, kept or rows) of a fused backward, from the oracles of its parts; None where not asked."""
+    out = dy.shape[1]
+    if op == "linear_backward_unified":
+        kept = oracle("topk_unified", dy, k) if idx is None else idx.cpu()
+        dx = oracle("linear_input_grad_unified", dy, w, kept) if input_grad else None
+        if rows_only:
+            kept = kept.sort().values
+        rows = oracle("linear_weight_grad_unified", dy, x, kept)
+        dw = (rows if rows_only else oracle("scatter_rows", rows, kept, out)) if weight_grad else None
+        extra = kept
+    else:
+        if idx is None:
+            vals, idx = oracle("topk_rows", dy, k)
+        else:
+            idx = idx.cpu()
+            vals = dy.detach().cpu().double().gather(1, idx)
+        dx = oracle("linear_input_grad_rows", vals, idx, w) if input_grad else None
+        rows = torch.unique(idx) if rows_only else None
+        dw = oracle("linear_weight_grad_rows", vals, idx, x, out, rows) if weight_grad else None
+        extra = rows if weight_grad and rows_only else torch.zeros(0, dtype=torch.long)
+    db = dy.detach().cpu().double().sum(0) if bias_grad else None
+    return dx, dw, db, extra
 
 
 def assert_matches(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, device) -> None:

@@ -81,6 +81,9 @@ def _cases(op: str, dtype, device, gen, limit):
             for k in _ks(out, limit):
                 yield dy, k
             continue
+        if op in ("linear_backward_unified", "linear_backward_rows"):
+            yield from _backward_cases(op, n, out, n_in, dtype, gen, device, limit)
+            continue
         dy, x, w = (
             gaussian((n, out), dtype, gen, device),
             gaussian((n, n_in), dtype, gen, device),
@@ -104,8 +107,40 @@ def _cases(op: str, dtype, device, gen, limit):
                     yield vals, ridx, x, out, rows
 
 
+def _backward_cases(op, n, out, n_in, dtype, gen, device, limit):
+    """Fused backward cases: the selection of every k, a given (random) selection, each output on its own."""
+    unified = op == "linear_backward_unified"
+    dy = (tie_free_columns if unified else tie_free_rows)(n, out, dtype, gen, device)
+    x, w = gaussian((n, n_in), dtype, gen, device), gaussian((out, n_in), dtype, gen, device)
+    for k in _ks(out, limit):
+        for rows_only in (False, True):
+            yield dy, x, w, k, None, True, True, True, rows_only, False
+        given = distinct_index(out, k, gen, device) if unified else row_index(n, out, k, gen, device)
+        yield dy, x, w, k, given, True, True, False, False, False
+        for only in range(3):
+            yield (dy, x, w, k, None, *(i == only for i in range(3)), False, False)
+
+
+def _check_backward(op: str, got, args, want, dtype, device) -> None:
+    names = ("dx", "dW", "db")
+    asked = args[5:8]
+    for name, g, wanted, on in zip(names, got[:3], want[:3], asked):
+        if not on:
+            assert g.numel() == 0, f"{name} was not asked for"
+            continue
+        assert_matches(g, wanted, dtype, device)
+    kept = got[3]
+    assert kept.dtype == torch.long and torch.equal(kept.cpu(), want[3]), (kept, want[3])
+    if asked[1] and not args[8]:
+        touched = kept if op == "linear_backward_unified" else torch.unique(args[4] if args[4] is not None else oracle("topk_rows", args[0], args[3])[1])
+        assert_zero_outside(got[1], touched.cpu())
+
+
 def _check(op: str, got, args, dtype, device) -> None:
     want = oracle(op, *args)
+    if op in ("linear_backward_unified", "linear_backward_rows"):
+        _check_backward(op, got, args, want, dtype, device)
+        return
     if op == "column_scores":
         assert_matches(got, want, accumulate_dtype(dtype), device)  # float32 sums of 16-bit inputs
     elif op == "topk_unified":
@@ -292,6 +327,7 @@ def _bad_calls(device):
     i = lambda *values: torch.tensor(values, device=device)  # noqa: E731
     dy, x, w = t(4, 6), t(4, 5), t(6, 5)
     vals, ridx = t(4, 2), torch.zeros(4, 2, dtype=torch.long, device=device)
+    flags = (True, True, True, False, False)
     return [
         ("column_scores", (t(2, 3, 4),), ValueError, False),
         ("column_scores", (dy.int(),), TypeError, False),
@@ -323,6 +359,15 @@ def _bad_calls(device):
         ("scatter_rows", (t(2, 5), i(1, 9), 6), IndexError, True),
         ("scatter_rows", (t(2, 5), i(1), 6), ValueError, False),
         ("scatter_rows", (t(2, 5), i(0, 1), -2), ValueError, False),
+        ("linear_backward_unified", (dy, x, w, 0, None, *flags), ValueError, False),
+        ("linear_backward_unified", (dy, x[:3], w, 2, None, *flags), ValueError, False),
+        ("linear_backward_unified", (dy, x, w.double(), 2, None, *flags), TypeError, False),
+        ("linear_backward_unified", (dy, x, w[:, :4], 2, None, *flags), ValueError, False),
+        ("linear_backward_unified", (dy, x, w, 2, i(1, 1), *flags), ValueError, True),
+        ("linear_backward_unified", (dy, x, w, 3, i(1, 2), *flags), ValueError, False),
+        ("linear_backward_rows", (dy, x, w, 3, ridx, *flags), ValueError, False),
+        ("linear_backward_rows", (dy, x.double(), w, 2, None, *flags), TypeError, False),
+        ("linear_backward_rows", (dy, x, w, 2, ridx + 6, *flags), IndexError, True),
     ]
 
 
@@ -364,6 +409,8 @@ def test_opcheck_every_op(backend_device):
         "linear_input_grad_rows": (vals, ridx, w),
         "linear_weight_grad_rows": (vals, ridx, x, 11, torch.unique(ridx)),
         "scatter_rows": (rows, idx, 11),
+        "linear_backward_unified": (dy, x, w, 4, None, True, True, True, False, False),
+        "linear_backward_rows": (dy, x, w, 3, None, True, True, True, False, False),
     }
     assert set(args) == set(OP_NAMES)
     # torch.compile cannot trace Triton ops running in the interpreter (CPU tensors): skip that part there.

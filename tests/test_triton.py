@@ -86,6 +86,13 @@ def test_cpu_tensors_without_interpreter():
             assert "take CUDA tensors" in str(exc), exc
         else:
             raise AssertionError("CPU tensors accepted by compiled Triton kernels")
+        # torch.library.triton_op infers the schema from the launcher's annotations: it must be the table's.
+        from meprop.opdefs import OPS
+        for name, opdef in OPS.items():
+            got = getattr(torch.ops.meprop_triton, name).default._schema
+            want = torch._C.parse_schema(f"meprop_triton::{name}{opdef.signature}")
+            assert [(a.name, str(a.type)) for a in got.arguments] == [(a.name, str(a.type)) for a in want.arguments], name
+            assert [str(r.type) for r in got.returns] == [str(r.type) for r in want.returns], name
         print("ok")
         """,
         interpret=False,

@@ -31,6 +31,10 @@ INTERPRETED = _interpreted()
 _DEVICE = "cpu" if INTERPRETED else "cuda"
 
 
+# The position of k among the arguments of the ops that select with the top-k kernels.
+_K_ARGUMENT = {"topk_unified": 1, "topk_rows": 1, "linear_backward_unified": 3, "linear_backward_rows": 3}
+
+
 def _check_limits(name: str, args: tuple) -> None:
     """What the Triton kernels take beyond the op contract: their device, float dtypes and largest k."""
     for t in args:
@@ -46,10 +50,9 @@ def _check_limits(name: str, args: tuple) -> None:
                 not t.is_floating_point() or t.dtype in DTYPES,
                 lambda: f"meprop.{name}: the Triton kernels take float32, float16 or bfloat16 tensors, got {t.dtype}",
             )
-    if name.startswith("topk_"):
-        torch._check_value(
-            args[1] <= MAX_K, lambda: f"meprop.{name}: the Triton top-k kernels take k <= {MAX_K}, got k={args[1]}"
-        )
+    k = args[_K_ARGUMENT[name]] if name in _K_ARGUMENT else None
+    if k is not None:
+        torch._check_value(k <= MAX_K, lambda: f"meprop.{name}: the Triton top-k kernels take k <= {MAX_K}, got k={k}")
 
 
 # torch >= 2.6 can trace Triton launches inside a triton_op; older torch gets a plain custom op.

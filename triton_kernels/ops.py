@@ -180,3 +180,58 @@ def scatter_rows(rows: torch.Tensor, idx: torch.Tensor, out_features: int) -> to
         lambda meta: (triton.cdiv(out_features, meta["BLOCK_R"]), triton.cdiv(n_in, meta["BLOCK_I"]))
     ](rows, pos, out, out_features, n_in)
     return out
+
+
+@library_op("linear_backward_unified")
+def linear_backward_unified(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    k: int,
+    idx: Optional[torch.Tensor],
+    input_grad: bool,
+    weight_grad: bool,
+    bias_grad: bool,
+    rows_only: bool,
+    reuse_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whole unified backward in one op: the Triton selection and products (see meprop.opdefs)."""
+    kept = topk_unified(dy, k) if idx is None else idx.clone()  # (an op's outputs may not alias its inputs)
+    dx = linear_input_grad_unified(dy, weight, kept) if input_grad else dy.new_empty((0,))
+    dw = dy.new_empty((0,))
+    if weight_grad and rows_only:
+        kept = kept.sort().values
+        dw = linear_weight_grad_unified(dy, x, kept)
+    elif weight_grad:
+        dw = scatter_rows(linear_weight_grad_unified(dy, x, kept), kept, dy.shape[1])
+    db = dy.sum(0, dtype=torch.float32).to(dy.dtype) if bias_grad else dy.new_empty((0,))
+    return dx, dw, db, kept
+
+
+@library_op("linear_backward_rows")
+def linear_backward_rows(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    k: int,
+    idx: Optional[torch.Tensor],
+    input_grad: bool,
+    weight_grad: bool,
+    bias_grad: bool,
+    rows_only: bool,
+    reuse_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whole per-example backward in one op: the Triton selection and products (see meprop.opdefs)."""
+    if idx is None:
+        vals, idx = topk_rows(dy, k)
+    else:
+        vals = dy.gather(1, idx)
+    dx = linear_input_grad_rows(vals, idx, weight) if input_grad else dy.new_empty((0,))
+    dw, rows = dy.new_empty((0,)), idx.new_empty((0,))
+    if weight_grad and rows_only:
+        rows = torch.unique(idx)
+        dw = linear_weight_grad_rows(vals, idx, x, dy.shape[1], rows)
+    elif weight_grad:
+        dw = linear_weight_grad_rows(vals, idx, x, dy.shape[1], None)
+    db = dy.sum(0, dtype=torch.float32).to(dy.dtype) if bias_grad else dy.new_empty((0,))
+    return dx, dw, db, rows

@@ -2,7 +2,7 @@
 // scores, for a selection shared by several processes).
 #include <torch/library.h>
 
-#include "common.h"
+#include "select.h"
 
 namespace meprop::cpu {
 namespace {
@@ -13,7 +13,8 @@ at::Tensor column_scores_cpu(const at::Tensor& dy_in) {
   at::Tensor scores = at::empty({dy.size(1)}, dy.options().dtype(acc_dtype(dy.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "column_scores_cpu", [&] {
     using acc = acc_t<scalar_t>;
-    column_abs_sums(dy.const_data_ptr<scalar_t>(), dy.size(0), dy.size(1), scores.mutable_data_ptr<acc>());
+    column_sums(dy.const_data_ptr<scalar_t>(), dy.size(0), dy.size(1), scores.mutable_data_ptr<acc>(),
+                static_cast<acc*>(nullptr));
   });
   return scores;
 }

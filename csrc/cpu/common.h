@@ -1,5 +1,5 @@
-// Helpers shared by the CPU kernels: the selection order, the column scores, index-value checks and grain
-// sizes (the accumulation type and the other argument checks are in csrc/common.h, shared with CUDA).
+// Helpers shared by the CPU kernels: the selection order, index-value checks and grain sizes (the
+// accumulation type and the other argument checks are in csrc/common.h, shared with the CUDA kernels).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -23,20 +23,6 @@ inline bool ranks_before(S a, int64_t ia, S b, int64_t ib) {
   if (na != nb) return na;
   if (!na && a != b) return a > b;
   return ia < ib;
-}
-
-// score[c] = sum_n |dy[n, c]| (acc) for a contiguous (n_rows, n_cols) dy: the unified selection's scores.
-// Each thread owns a band of columns and streams every row through it: no reduction across threads, so
-// the sums come in row order whatever the thread count.
-template <typename scalar_t, typename acc>
-inline void column_abs_sums(const scalar_t* dy, int64_t n_rows, int64_t n_cols, acc* score) {
-  at::parallel_for(0, n_cols, 512, [&](int64_t c0, int64_t c1) {
-    std::fill(score + c0, score + c1, acc(0));
-    for (int64_t n = 0; n < n_rows; ++n) {
-      const scalar_t* row = dy + n * n_cols;
-      for (int64_t c = c0; c < c1; ++c) score[c] += std::abs(static_cast<acc>(row[c]));
-    }
-  });
 }
 
 // Index values of a CPU index tensor (the twin of meprop.checks.index_values): every value in [0, bound)

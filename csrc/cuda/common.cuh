@@ -7,6 +7,7 @@
 
 // Only the headers in use (not ATen/ATen.h): they dominate the compile time of these small files.
 #include <ATen/Dispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -17,6 +18,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <string>
 
 #include "../common.h"
 
@@ -33,5 +35,11 @@ inline unsigned int grid_for(int64_t work_items) {
 }
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The typed handle of the op meprop::<name> (for the fused ops, which call the others through the dispatcher).
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> meprop_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow((std::string("meprop::") + name).c_str(), "").typed<Signature>();
+}
 
 }  // namespace meprop::cuda

@@ -2,7 +2,7 @@
 
 meprop registers its layer as a ``torch.autograd.Function`` whose ``forward`` takes ``ctx`` (eager mode and
 torch.compile), with a ``setup_context`` form for torch.func transforms. This script times, interleaved and
-on the same inputs (torch.utils.benchmark, blocked_autorange, median and IQR):
+on the same inputs (``benchmarks/timing.py``: blocked_autorange, pooled median and IQR):
 
 - ``nn.Linear`` forward;
 - ``meprop.Linear`` forward (inputs require grad, so the sparse-backward path is taken);
@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils import benchmark
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import meprop  # noqa: E402
+
+from timing import interleaved  # noqa: E402  (benchmarks/timing.py)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -54,10 +55,6 @@ def _backward(ctx, grad):
 _custom_linear.register_autograd(_backward, setup_context=_setup)
 
 
-def _time(fn, min_run_time: float) -> benchmark.Measurement:
-    return benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
-
-
 def measure(batch: int, features: int, k: int, rounds: int, min_run_time: float) -> dict:
     torch.manual_seed(0)
     dense = torch.nn.Linear(features, features)
@@ -77,15 +74,7 @@ def measure(batch: int, features: int, k: int, rounds: int, min_run_time: float)
         "nn.Linear forward+backward": lambda: step(dense),
         "meprop.Linear forward+backward": lambda: step(layer),
     }
-    samples = {name: [] for name in cases}
-    for _ in range(rounds):  # interleaved: every case once per round
-        for name, fn in cases.items():
-            samples[name].append(_time(fn, min_run_time))
-    out = {}
-    for name, ms in samples.items():
-        medians = sorted(m.median * 1e6 for m in ms)
-        iqrs = sorted(m.iqr * 1e6 for m in ms)
-        out[name] = {"median_us": medians[len(medians) // 2], "iqr_us": iqrs[len(iqrs) // 2], "rounds": medians}
+    out = {name: t.as_dict(1e6, "us") for name, t in interleaved(cases, rounds, min_run_time).items()}
     base = out["nn.Linear forward"]["median_us"]
     for name in ("meprop.Linear forward", "custom_op + register_autograd forward"):
         out[name]["overhead_us"] = out[name]["median_us"] - base
@@ -95,7 +84,7 @@ def measure(batch: int, features: int, k: int, rounds: int, min_run_time: float)
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (the median round is reported)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     p.add_argument("--min-run-time", type=float, default=0.5, help="seconds per blocked_autorange")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     args = p.parse_args(argv)

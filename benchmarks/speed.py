@@ -1,14 +1,24 @@
 """meProp speed benchmark: nn.Linear's dense backward against meProp's sparse backward, per backend.
 
-For every size (B, in, out), k, mode and available backend it times, on the same inputs and in one run:
-the dense backward of ``torch.nn.functional.linear`` (through autograd, all of dx, dW, db), meProp's
-backward, and the whole forward + backward step of each. Times are medians over repeats after a warm-up
-(synchronised on GPU). The *bound* column is the time the sparse backward's FLOPs and bytes need at this
-machine's GEMM rate and copy bandwidth, both measured at the start of the run (roofline: the larger of the
-two). Results go to benchmarks/results/speed-<device>-<dtype>.{csv,json,png}.
+Per-layer view (default): for every size (B, in, out), k, mode and available backend it times, on the same
+inputs and interleaved round after round with the dense case (``benchmarks/timing.py``: torch.utils.benchmark
+``blocked_autorange``, pooled median and IQR): the dense backward of ``torch.nn.functional.linear`` through
+autograd (dx, dW, db), meProp's backward, the forward of each, and forward + backward of each. A ratio whose
+two IQRs together exceed the difference of the medians is flagged ``noisy``. The *bound* column is the time
+the sparse backward's FLOPs and bytes need at this machine's GEMM rate and copy bandwidth, both measured at
+the start of the run (roofline: the larger of the two).
 
-    python benchmarks/speed.py            # default run (< 10 minutes on 2 CPU cores)
-    python benchmarks/speed.py --quick    # the key cases only (< 2 minutes)
+Step view (``--step``): the whole training step (zero_grad, forward, cross-entropy, backward, optimizer
+step) of the paper's MNIST MLP 784-500-500-10 at batch 50: dense with Adam, meProp with Adam, and meProp
+with the sparse step (row-sparse weight gradients, SparseAdam on them, Adam on the rest); also forward +
+backward alone, so the optimizer's share shows.
+
+Results go to benchmarks/results/speed-<device>-<dtype>[-quick].{csv,json,png} (per layer) and
+benchmarks/results/step-<device>.json (step view).
+
+    python benchmarks/speed.py            # default run (about 10 minutes on 2 CPU cores)
+    python benchmarks/speed.py --quick    # the key cases only (a few minutes)
+    python benchmarks/speed.py --step     # the training step of the MNIST MLP
 """
 
 from __future__ import annotations
@@ -19,17 +29,18 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import meprop  # noqa: E402
 from meprop import backends  # noqa: E402
+
+from timing import compare, interleaved  # noqa: E402  (benchmarks/timing.py)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -39,14 +50,15 @@ DEFAULT_SIZES = {
     (1024, 4096, 4096): [16, 32, 64],
     (50, 500, 500): [20, 30, 80],
 }
-QUICK_SIZES = {(1024, 8192, 8192): [32], (1024, 4096, 4096): [32], (50, 500, 500): [30]}
+QUICK_SIZES = {(1024, 8192, 8192): [32], (1024, 4096, 4096): [32], (50, 500, 500): [30, 80]}
 # (label, mode, sparse_grad)
 VARIANTS = [("unified", "unified", False), ("unified+sparse", "unified", True), ("per_example", "per_example", False)]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="key cases only, fewer repeats (< 2 minutes)")
+    p.add_argument("--quick", action="store_true", help="key cases only, fewer rounds (a few minutes)")
+    p.add_argument("--step", action="store_true", help="the training-step view (MNIST MLP) instead of per layer")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     p.add_argument("--sizes", nargs="+", metavar="BxINxOUT", help="e.g. 1024x8192x8192 50x500x500")
@@ -56,39 +68,26 @@ def parse_args(argv=None):
     p.add_argument("--all-reference", action="store_true",
                    help="time the reference backend at every k (default: only at the k nearest 32 of each size, "
                         "since its per-example path costs as much as the dense backward)")
-    p.add_argument("--repeats", type=int, help="timed repeats per case (default 3, 2 with --quick)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds per size (default 5, 3 with --quick)")
+    p.add_argument("--min-run-time", type=float, help="seconds per blocked_autorange (default 0.2, 0.1 with --quick)")
     p.add_argument("--out-dir", type=Path, default=RESULTS, help="where CSV/JSON/PNG go")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.rounds = args.rounds or (3 if args.quick else 5)
+    args.min_run_time = args.min_run_time or (0.1 if args.quick else 0.2)
+    if args.rounds < 1 or args.min_run_time <= 0:
+        p.error("--rounds must be >= 1 and --min-run-time > 0")
+    return args
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_ms(fn, device, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def machine_rates(device, dtype, repeats):
+def machine_rates(device, dtype):
     """(GEMM FLOP/s, copy bytes/s) measured now: a square matmul and a large tensor copy."""
     n = 2048 if device.type == "cpu" else 8192
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    gemm = 2 * n**3 / (median_ms(lambda: a @ b, device, repeats) / 1e3)
     src = torch.randn(64 << 20, device=device)  # 256 MiB of float32
     dst = torch.empty_like(src)
-    copy = 2 * src.nbytes / (median_ms(lambda: dst.copy_(src), device, repeats) / 1e3)  # read + write
-    return gemm, copy
+    t = interleaved({"gemm": lambda: a @ b, "copy": lambda: dst.copy_(src)}, rounds=1, min_run_time=0.5)
+    return 2 * n**3 / t["gemm"].median, 2 * src.nbytes / t["copy"].median  # copy: read + write
 
 
 def bound_ms(b, i, o, k, variant, elem, gemm, copy):
@@ -96,21 +95,23 @@ def bound_ms(b, i, o, k, variant, elem, gemm, copy):
     flops = 2 * b * k * i * 2  # dx and dW, k products per row each
     dw_bytes = k * i if variant == "unified+sparse" else o * i
     w_rows = k if variant.startswith("unified") else o  # per-example: the union of selections is ~all rows
-    nbytes = elem * (2 * b * o + b * i + w_rows * i + b * i + dw_bytes)  # dy twice (select, db), x, W rows, dx, dW
+    nbytes = elem * (b * o + b * i + w_rows * i + b * i + dw_bytes)  # dy (one pass: selection + db), x, W rows, dx, dW
     return max(flops / gemm, nbytes / copy) * 1e3
 
 
-def time_case(x, w, bias, dy, device, repeats, **options):
-    """(backward ms, forward+backward ms) of meprop.functional.linear, or of F.linear when options is empty."""
+def layer_cases(x, w, bias, dy, **options):
+    """{forward, backward, forward+backward} closures of meprop.functional.linear (F.linear without options)."""
     inputs = [x, w, bias]
 
     def forward():
         return meprop.functional.linear(x, w, bias, **options) if options else F.linear(x, w, bias)
 
     y = forward()
-    backward = median_ms(lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True), device, repeats)
-    step = median_ms(lambda: torch.autograd.grad(forward(), inputs, dy), device, repeats)
-    return backward, step
+    return {
+        "forward": forward,
+        "backward": lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True),
+        "forward+backward": lambda: torch.autograd.grad(forward(), inputs, dy),
+    }
 
 
 def describe_machine(device):
@@ -128,10 +129,7 @@ def describe_machine(device):
     return info
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    repeats = args.repeats or (2 if args.quick else 3)
+def per_layer(args, device, dtype):
     sizes = QUICK_SIZES if args.quick else DEFAULT_SIZES
     if args.sizes:
         sizes = {tuple(int(v) for v in s.lower().split("x")): None for s in args.sizes}
@@ -139,72 +137,155 @@ def main(argv=None):
     for name in chosen:
         backends.resolve(name, device, dtype)  # a clear error for an unavailable backend
     variants = [v for v in VARIANTS if v[0] in args.modes]
-
-    from tqdm import tqdm
-
-    machine = describe_machine(device)
-    print(f"meprop speed benchmark on {machine['device']}, {args.dtype}, torch {machine['torch']}", flush=True)
-    gemm, copy = machine_rates(device, dtype, repeats)
+    gemm, copy = machine_rates(device, dtype)
     print(f"measured: GEMM {gemm / 1e9:.1f} GFLOP/s, copy {copy / 1e9:.1f} GB/s (read + write)", flush=True)
-
-    cases = []
+    rows = []
+    gen = torch.Generator(device=device).manual_seed(0)
     for (b, i, o), size_ks in sizes.items():
         ks = args.ks or size_ks or [32]
         reference_k = min(ks, key=lambda k: abs(k - 32))
-        for k in ks:
-            names = [n for n in chosen if n != "reference" or args.all_reference or k == reference_k]
-            cases.extend(((b, i, o), k, v, name) for v in variants for name in names)
-    rows, dense, bar = [], {}, tqdm(total=len(cases), desc="cases", file=sys.stderr, dynamic_ncols=True)
-    gen = torch.Generator(device=device).manual_seed(0)
-    for (b, i, o), k, (label, mode, sparse), name in cases:
-        bar.set_postfix_str(f"{b}x{i}x{o} k={k} {label} {name}")
         x = torch.randn(b, i, device=device, dtype=dtype, generator=gen, requires_grad=True)
         w = torch.randn(o, i, device=device, dtype=dtype, generator=gen, requires_grad=True)
         bias = torch.randn(o, device=device, dtype=dtype, generator=gen, requires_grad=True)
         dy = torch.randn(b, o, device=device, dtype=dtype, generator=gen)
-        if (b, i, o) not in dense:
-            dense[(b, i, o)] = time_case(x, w, bias, dy, device, repeats)
-        bwd, step = time_case(x, w, bias, dy, device, repeats, k=k, mode=mode, backend=name, sparse_grad=sparse)
-        dense_bwd, dense_step = dense[(b, i, o)]
-        rows.append(
-            dict(B=b, d_in=i, d_out=o, k=k, mode=label, backend=name,
-                 dense_backward_ms=dense_bwd, backward_ms=bwd, speedup=dense_bwd / bwd,
-                 dense_step_ms=dense_step, step_ms=step, step_speedup=dense_step / step,
-                 bound_ms=bound_ms(b, i, o, k, label, x.element_size(), gemm, copy))
-        )
-        bar.update()
-    bar.close()
+        cases, keys = {}, []
+        for phase, fn in layer_cases(x, w, bias, dy).items():
+            cases[("dense", phase)] = fn
+        for k in ks:
+            for label, mode, sparse in variants:
+                for name in chosen:
+                    if name == "reference" and not (args.all_reference or k == reference_k):
+                        continue
+                    key = (k, label, name)
+                    keys.append(key)
+                    options = dict(k=k, mode=mode, backend=name, sparse_grad=sparse)
+                    for phase, fn in layer_cases(x, w, bias, dy, **options).items():
+                        cases[(key, phase)] = fn
+        print(f"{b}x{i}x{o}: {len(cases)} cases, {args.rounds} interleaved rounds", file=sys.stderr, flush=True)
+        t = interleaved(cases, rounds=args.rounds, min_run_time=args.min_run_time)
+        dense = {phase: t[("dense", phase)] for phase in ("forward", "backward", "forward+backward")}
+        for key in keys:
+            k, label, name = key
+            bwd, fwd, both = (t[(key, phase)] for phase in ("backward", "forward", "forward+backward"))
+            c = compare(dense["backward"], bwd)
+            rows.append(dict(
+                B=b, d_in=i, d_out=o, k=k, mode=label, backend=name,
+                dense_backward_ms=dense["backward"].median * 1e3, dense_backward_iqr_ms=dense["backward"].iqr * 1e3,
+                backward_ms=bwd.median * 1e3, backward_iqr_ms=bwd.iqr * 1e3,
+                speedup=c["ratio"], speedup_min=c["ratio_min"], speedup_max=c["ratio_max"], noisy=c["noisy"],
+                dense_forward_ms=dense["forward"].median * 1e3, forward_ms=fwd.median * 1e3,
+                forward_ratio=fwd.median / dense["forward"].median,
+                forward_noisy=compare(dense["forward"], fwd)["noisy"],
+                dense_step_ms=dense["forward+backward"].median * 1e3, step_ms=both.median * 1e3,
+                step_speedup=compare(dense["forward+backward"], both)["ratio"],
+                bound_ms=bound_ms(b, i, o, k, label, x.element_size(), gemm, copy),
+            ))
     for r in rows:  # speedup of each kernel backend over the reference path, same case
         ref = next((q for q in rows if q["backend"] == "reference" and all(
             q[f] == r[f] for f in ("B", "d_in", "d_out", "k", "mode"))), None)
         r["vs_reference"] = ref["backward_ms"] / r["backward_ms"] if ref else float("nan")
     print_table(rows)
-    write_results(rows, machine, dict(gemm_flops=gemm, copy_bytes_per_s=copy), args)
+    return rows, dict(gemm_flops=gemm, copy_bytes_per_s=copy)
+
+
+def mnist_mlp(mode=None, k=30, sparse_grad=False):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(784, 500), nn.ReLU(), nn.Linear(500, 500), nn.ReLU(), nn.Linear(500, 10))
+    if mode is not None:
+        model = meprop.convert(model, k=k, mode=mode, skip_last=True, sparse_grad=sparse_grad)
+    return model
+
+
+def step_view(args, device):
+    """The whole training step of the MNIST MLP (batch 50), dense vs meProp, interleaved."""
+    x = torch.rand(50, 784, device=device)
+    y = torch.randint(10, (50,), device=device)
+    configs = {  # name -> (model, optimizer)
+        "dense, Adam": (m := mnist_mlp().to(device), torch.optim.Adam(m.parameters(), lr=1e-3)),
+        "unified k=30, Adam": (m := mnist_mlp("unified").to(device), torch.optim.Adam(m.parameters(), lr=1e-3)),
+        "per_example k=30, Adam": (m := mnist_mlp("per_example").to(device), torch.optim.Adam(m.parameters(), lr=1e-3)),
+    }
+    m = mnist_mlp("unified", sparse_grad=True).to(device)
+    sparse, dense = meprop.optim.split_parameters(m)
+    configs["unified k=30, sparse step"] = (m, meprop.optim.SplitOptimizer(
+        torch.optim.SparseAdam(sparse, lr=1e-3), torch.optim.Adam(dense, lr=1e-3)))
+
+    def step(model, optimizer, update=True):
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        if update:
+            optimizer.step()
+
+    cases = {}
+    for name, (model, optimizer) in configs.items():
+        cases[(name, "step")] = lambda model=model, optimizer=optimizer: step(model, optimizer)
+        cases[(name, "forward+backward")] = lambda model=model, optimizer=optimizer: step(model, optimizer, False)
+    t = interleaved(cases, rounds=args.rounds, min_run_time=args.min_run_time)
+    base = {phase: t[("dense, Adam", phase)] for phase in ("step", "forward+backward")}
+    rows = []
+    for name in configs:
+        row = dict(config=name)
+        for phase in ("step", "forward+backward"):
+            c = compare(base[phase], t[(name, phase)])
+            row.update({f"{phase}_ms": t[(name, phase)].median * 1e3, f"{phase}_iqr_ms": t[(name, phase)].iqr * 1e3,
+                        f"{phase}_speedup": c["ratio"], f"{phase}_speedup_min": c["ratio_min"],
+                        f"{phase}_speedup_max": c["ratio_max"], f"{phase}_noisy": c["noisy"]})
+        rows.append(row)
+    print(f"{'MNIST MLP 784-500-500-10, batch 50':<28} {'step ms (IQR)':>16} {'x (per-round range)':>22} "
+          f"{'fwd+bwd ms (IQR)':>18} {'x':>6}")
+    for r in rows:
+        flag = lambda key: " noisy" if r[key] else ""  # noqa: E731
+        print(f"{r['config']:<28} {r['step_ms']:9.3f} ({r['step_iqr_ms']:.3f}) {r['step_speedup']:6.2f} "
+              f"[{r['step_speedup_min']:.2f}-{r['step_speedup_max']:.2f}]{flag('step_noisy'):6} "
+              f"{r['forward+backward_ms']:9.3f} ({r['forward+backward_iqr_ms']:.3f}) "
+              f"{r['forward+backward_speedup']:5.2f}{flag('forward+backward_noisy')}")
+    return rows
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    machine = describe_machine(device)
+    print(f"meprop speed benchmark on {machine['device']}, {args.dtype}, torch {machine['torch']}, "
+          f"{machine['date']}", flush=True)
+    meta = dict(machine=machine, dtype=args.dtype, rounds=args.rounds, min_run_time_s=args.min_run_time,
+                command=" ".join(sys.argv))
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    if args.step:
+        rows = step_view(args, device)
+        path = args.out_dir / f"step-{args.device}{'-quick' if args.quick else ''}.json"
+        path.write_text(json.dumps(dict(meta, results=rows), indent=1) + "\n")
+        print(f"wrote {path}", flush=True)
+        return
+    rows, rates = per_layer(args, device, dtype)
+    write_results(rows, dict(meta, measured=rates), args)
 
 
 def print_table(rows):
-    head = f"{'B x in x out':>17} {'k':>4} {'mode':<15} {'backend':<9} {'dense ms':>9} {'meprop ms':>9} " \
-           f"{'speedup':>8} {'step x':>7} {'vs ref':>7} {'bound ms':>8}"
+    head = (f"{'B x in x out':>17} {'k':>4} {'mode':<15} {'backend':<9} {'dense ms':>8} {'(IQR)':>7} {'meprop ms':>9} "
+            f"{'(IQR)':>7} {'speedup':>8} {'[round range]':>14} {'fwd x':>6} {'step x':>6} {'vs ref':>6} {'bound ms':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
         print(f"{r['B']:>5}x{r['d_in']:>5}x{r['d_out']:>5} {r['k']:>4} {r['mode']:<15} {r['backend']:<9} "
-              f"{r['dense_backward_ms']:>9.2f} {r['backward_ms']:>9.2f} {r['speedup']:>7.1f}x "
-              f"{r['step_speedup']:>6.1f}x {r['vs_reference']:>6.1f}x {r['bound_ms']:>8.2f}")
+              f"{r['dense_backward_ms']:>8.3f} {r['dense_backward_iqr_ms']:>7.3f} {r['backward_ms']:>9.3f} "
+              f"{r['backward_iqr_ms']:>7.3f} {r['speedup']:>7.1f}x {r['speedup_min']:>6.1f}-{r['speedup_max']:<6.1f} "
+              f"{r['forward_ratio']:>6.2f} {r['step_speedup']:>5.1f}x {r['vs_reference']:>5.1f}x {r['bound_ms']:>8.3f}"
+              + ("  noisy" if r["noisy"] else ""))
+    print("speedup = dense backward / meProp backward (pooled medians); fwd x = meProp forward / nn.Linear forward; "
+          "noisy = the two IQRs together exceed the difference of the medians")
 
 
-def write_results(rows, machine, rates, args):
-    args.out_dir.mkdir(parents=True, exist_ok=True)
+def write_results(rows, meta, args):
     stem = args.out_dir / f"speed-{args.device}-{args.dtype}{'-quick' if args.quick else ''}"
     with open(f"{stem}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    meta = dict(machine=machine, dtype=args.dtype, measured=rates, command=" ".join(sys.argv))
     Path(f"{stem}.json").write_text(json.dumps(dict(meta, results=rows), indent=1))
     print(f"wrote {stem}.csv and {stem}.json", flush=True)
     if not args.no_plot:
-        plot(rows, machine, f"{stem}.png")
+        plot(rows, meta["machine"], f"{stem}.png")
         print(f"wrote {stem}.png", flush=True)
 
 

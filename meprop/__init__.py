@@ -3,13 +3,14 @@
 ``meprop.Linear`` is a drop-in ``nn.Linear`` whose backward keeps only the top-k entries of the output
 gradient; ``meprop.convert`` swaps it into an existing model; ``meprop.functional.linear`` is the function.
 The ops (defined once in ``meprop.opdefs``) run on fused C++ (CPU), CUDA or Triton kernels, all checked against
-``meprop.reference``; ``meprop.backends`` says which backend can run what; ``meprop.distributed`` makes DDP
-training select for the global batch and all-reduce only the kept rows.
+``meprop.reference``; ``meprop.backends`` says which backend can run what. ``meprop.optim`` keeps the
+optimizer step sparse too; ``meprop.distributed`` makes DDP training select for the global batch and
+all-reduce only the kept rows; ``meprop.mnist`` is the paper's MNIST experiment (import it explicitly).
 """
 
 import warnings
 
-from . import backends, distributed, functional, opdefs, ops, reference
+from . import backends, distributed, functional, opdefs, ops, optim, reference
 from .functional import MODES, linear_backward
 from .modules import Linear, convert
 
@@ -22,6 +23,7 @@ __all__ = [
     "opdefs",
     "reference",
     "ops",
+    "optim",
     "MODES",
     "linear_backward",
 ]

@@ -1,4 +1,4 @@
-"""MNIST loader, the reproduction script's training loop, checkpoint/resume and CLI (short runs only).
+"""MNIST loader, the training loop of ``meprop.mnist``, checkpoint/resume and the CLI (short runs only).
 
 The data are found through ``MEPROP_DATA`` (default ``<repo>/../shared/data``); tests that need them
 skip with the reason when ``$MEPROP_DATA/mnist`` is absent.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -21,6 +20,7 @@ import pytest
 import torch
 
 from meprop import data as mdata
+from meprop import mnist
 from meprop.data import FILES, load_mnist, read_idx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,15 +33,6 @@ TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_mnist", ROOT / "benchmarks" / "mnist.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_mnist"] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _bench()
 
 
 def _shared_bytes(name: str) -> bytes:
@@ -53,13 +44,13 @@ def _shared_bytes(name: str) -> bytes:
 def splits():
     if not MNIST_DIR.is_dir():
         pytest.skip(f"MNIST files not found in {MNIST_DIR}")
-    return bench.load_splits(MNIST_DIR)
+    return mnist.load_splits(MNIST_DIR)
 
 
 @pytest.fixture(scope="module")
 def small_splits(splits):
     """Train as usual, evaluate on the first 1,000 dev and test images (short runs: evaluation dominates)."""
-    return bench.Splits(splits.train_x, splits.train_y, splits.dev_x[:1000], splits.dev_y[:1000],
+    return mnist.Splits(splits.train_x, splits.train_y, splits.dev_x[:1000], splits.dev_y[:1000],
                         splits.test_x[:1000], splits.test_y[:1000])
 
 
@@ -146,8 +137,8 @@ def test_read_idx_validates():
 def test_one_epoch_on_2000_images_beats_85_percent(splits, mode, k):
     # batch 10 (200 steps): 40 steps of the protocol's batch 50 reach only ~82% even dense; meProp with k=30
     # learns more slowly in its first steps (75% unified, 51% per-example here), so the smoke run uses k=160
-    config = bench.RunConfig("smoke", mode=mode, k=k, epochs=1, train_size=2000, batch_size=10)
-    state = bench.train(config, splits, progress=False)
+    config = mnist.RunConfig("smoke", mode=mode, k=k, epochs=1, train_size=2000, batch_size=10)
+    state = mnist.train(config, splits, progress=False)
     assert state.test_at_best > 85.0, state.history
     record = state.history[0]
     assert 0 < record["linear_backward_s"] < record["backward_s"] < record["epoch_s"]
@@ -155,8 +146,8 @@ def test_one_epoch_on_2000_images_beats_85_percent(splits, mode, k):
 
 @needs_data
 def test_mesimp_shrinks_hidden_layers_and_still_trains(splits):
-    config = bench.RunConfig("simp", mode="per_example", k=160, simp=True, epochs=1, train_size=2000, batch_size=10)
-    state = bench.train(config, splits, progress=False)
+    config = mnist.RunConfig("simp", mode="per_example", k=160, simp=True, epochs=1, train_size=2000, batch_size=10)
+    state = mnist.train(config, splits, progress=False)
     sizes = state.hidden_sizes
     assert all(size < 500 for size in sizes), sizes
     model = state.final_model
@@ -173,27 +164,27 @@ def test_mesimp_shrinks_hidden_layers_and_still_trains(splits):
 )
 def test_resume_ends_with_the_same_weights(small_splits, tmp_path, preset):
     splits = small_splits
-    config = bench.RunConfig("tiny", epochs=3, train_size=600, **preset)
-    straight = bench.train(config, splits, checkpoint=tmp_path / "straight.pt", progress=False)
-    with pytest.raises(bench.StopRequested):
-        bench.train(config, splits, checkpoint=tmp_path / "cut.pt", progress=False, stop_at=time.time())
-    assert bench.torch.load(tmp_path / "cut.pt", weights_only=False)["state"]["epoch"] == 1
+    config = mnist.RunConfig("tiny", epochs=3, train_size=600, **preset)
+    straight = mnist.train(config, splits, checkpoint=tmp_path / "straight.pt", progress=False)
+    with pytest.raises(mnist.StopRequested):
+        mnist.train(config, splits, checkpoint=tmp_path / "cut.pt", progress=False, stop_at=time.time())
+    assert torch.load(tmp_path / "cut.pt", weights_only=False)["state"]["epoch"] == 1
     assert not (tmp_path / "cut.pt.tmp").exists()
-    resumed = bench.train(config, splits, checkpoint=tmp_path / "cut.pt", resume=True, progress=False)
+    resumed = mnist.train(config, splits, checkpoint=tmp_path / "cut.pt", resume=True, progress=False)
     a, b = straight.final_model.state_dict(), resumed.final_model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
     assert [r["test"] for r in straight.history] == [r["test"] for r in resumed.history]
-    finished = bench.train(config, splits, checkpoint=tmp_path / "cut.pt", resume=True, progress=False)
+    finished = mnist.train(config, splits, checkpoint=tmp_path / "cut.pt", resume=True, progress=False)
     assert finished.finished and finished.history == resumed.history
 
 
 @needs_data
 def test_resume_refuses_a_different_configuration(small_splits, tmp_path):
     splits = small_splits
-    config = bench.RunConfig("tiny", epochs=1, train_size=200)
-    bench.train(config, splits, checkpoint=tmp_path / "run.pt", progress=False)
+    config = mnist.RunConfig("tiny", epochs=1, train_size=200)
+    mnist.train(config, splits, checkpoint=tmp_path / "run.pt", progress=False)
     with pytest.raises(ValueError, match="different configuration"):
-        bench.train(bench.RunConfig("tiny", epochs=1, train_size=300), splits, checkpoint=tmp_path / "run.pt",
+        mnist.train(mnist.RunConfig("tiny", epochs=1, train_size=300), splits, checkpoint=tmp_path / "run.pt",
                     resume=True, progress=False)
 
 
@@ -202,19 +193,81 @@ def test_cli_help():
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mnist.py"), "--help"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    for flag in ("--epochs", "--k", "--mode", "--seed", "--data-dir", "--quick", "--checkpoint", "--resume", "--threads"):
+    for flag in ("--epochs", "--k", "--mode", "--seeds", "--hidden", "--layers", "--dropout", "--device", "--data-dir", "--quick", "--checkpoint", "--resume", "--threads"):
         assert flag in result.stdout
 
 
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mnist.py"), *args, "--no-progress"],
+                          capture_output=True, text=True, timeout=600)
+
+
 @needs_data
-def test_cli_writes_table_and_json(tmp_path, capsys):
+def test_cli_writes_table_and_json_with_seeds(tmp_path):
     out = tmp_path / "r.json"
-    code = bench.main(["--mode", "unified", "--k", "20", "--epochs", "1", "--train-size", "500", "--data-dir",
-                       str(MNIST_DIR), "--json", str(out), "--no-progress"])
-    assert code == 0
-    table = capsys.readouterr().out
-    assert "dense" in table and "unified-20" in table
-    result = json.loads(out.read_text())
-    assert [r["name"] for r in result["runs"]] == ["dense", "unified-20"]
-    assert result["runs"][0]["epoch_speedup"] == 1.0 and result["runs"][1]["k"] == 20
-    assert result["machine"]["date"]
+    result = _cli("--mode", "unified", "--k", "20", "--seeds", "3,4", "--epochs", "1", "--train-size", "200",
+                  "--data-dir", str(MNIST_DIR), "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "dense" in result.stdout and "unified-20" in result.stdout
+    report = json.loads(out.read_text())
+    assert [(r["name"], r["seed"]) for r in report["runs"]] == [
+        ("dense", 3), ("unified-20", 3), ("dense", 4), ("unified-20", 4)]
+    assert all(r["epoch_speedup"] == 1.0 for r in report["runs"] if r["name"] == "dense")
+    assert report["runs"][1]["k"] == 20 and report["machine"]["date"]
+    summary = {r["name"]: r for r in report["summary"]}
+    accs = [r["test_acc"] for r in report["runs"] if r["name"] == "unified-20"]
+    assert summary["unified-20"]["seeds"] == [3, 4] and summary["unified-20"]["test_accs"] == accs
+    assert summary["unified-20"]["test_acc"] == pytest.approx(sum(accs) / 2)
+    assert summary["unified-20"]["test_acc_std"] == pytest.approx(abs(accs[0] - accs[1]) / 2**0.5)
+
+
+@needs_data
+def test_cli_k_zero_is_dense_and_knobs_shape_the_model(tmp_path):
+    out = tmp_path / "r.json"
+    result = _cli("--mode", "unified", "--k", "0", "--hidden", "40", "--layers", "3", "--dropout", "0", "--epochs",
+                  "1", "--train-size", "100", "--data-dir", str(MNIST_DIR), "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["name"], r["mode"], r["hidden"], r["layers"]) for r in runs] == [("dense", "dense", 40, 3)]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--k", "0"], "--k 0"), (["--mode", "unified", "--k", "-1"], ">= 0"), (["--seeds", "1,x"], "--seeds"),
+    (["--layers", "0"], "--layers"), (["--runs", "nope"], "unknown"),
+])
+def test_cli_refuses_bad_arguments(args, message):
+    result = _cli(*args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_presets_and_run_config_checks():
+    assert mnist.build_model(mnist.RunConfig("kdim", **mnist.PRESETS["kdim-30"]))[0].weight.shape == (30, 784)
+    model = mnist.build_model(mnist.RunConfig("u", **mnist.PRESETS["unified-30-sparse_step"]))
+    assert model[0].sparse_grad and model[0].k == 30 and type(model[6]) is torch.nn.Linear  # output layer dense
+    for bad in (dict(mode="unified", k=0), dict(k=30), dict(mode="unified", k=3, layers=0), dict(sparse_step=True)):
+        with pytest.raises(ValueError, match="meprop.mnist.RunConfig"):
+            mnist.RunConfig("bad", **bad)
+
+
+def test_sparse_step_changes_only_the_selected_rows():
+    torch.manual_seed(0)
+    config = mnist.RunConfig("s", mode="unified", k=5, sparse_step=True, hidden=20, dropout=0.0)
+    model = mnist.build_model(config)
+    optimizer = mnist.build_optimizer(config, model)
+    before = [p.detach().clone() for p in model.parameters()]
+    torch.nn.functional.cross_entropy(model(torch.randn(8, 784)), torch.randint(10, (8,))).backward()
+    assert model[0].weight.grad.is_sparse and not model[0].bias.grad.is_sparse
+    optimizer.step()
+    changed = (model[0].weight.detach() != before[0]).any(1)
+    assert int(changed.sum()) == 5  # the k selected rows of the first hidden layer, no other
+    assert (model[6].weight.detach() != before[4]).any(1).all()  # the dense output layer: every row
+
+
+def test_add_speedups_pairs_each_run_with_the_dense_run_of_its_seed():
+    rows = [dict(name="dense", seed=1, epoch_s=2.0, backward_s=1.0, linear_backward_s=1.0, step_s=1.0),
+            dict(name="u", seed=1, epoch_s=1.0, backward_s=0.5, linear_backward_s=0.25, step_s=1.0),
+            dict(name="dense", seed=2, epoch_s=4.0, backward_s=1.0, linear_backward_s=1.0, step_s=1.0),
+            dict(name="u", seed=2, epoch_s=1.0, backward_s=1.0, linear_backward_s=1.0, step_s=2.0)]
+    mnist.add_speedups(rows)
+    assert [r["epoch_speedup"] for r in rows] == [1.0, 2.0, 1.0, 4.0]
+    assert rows[1]["linear_backward_speedup"] == 4.0 and rows[3]["step_speedup"] == 0.5

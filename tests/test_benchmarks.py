@@ -1,0 +1,66 @@
+"""The benchmark scripts run and write what they promise (tiny cases; no timing is asserted)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from timing import Timing, compare, interleaved  # noqa: E402
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_compare_flags_a_spread_larger_than_the_effect():
+    fast, slow = Timing(1.0, 0.1, [1.0, 1.1]), Timing(2.0, 0.1, [2.0, 2.4])
+    c = compare(slow, fast)
+    assert c["ratio"] == 2.0 and not c["noisy"]
+    assert (c["ratio_min"], c["ratio_max"]) == (2.0, 2.4 / 1.1)
+    assert compare(Timing(1.1, 0.3, [1.1]), fast)["noisy"]
+
+
+def test_interleaved_times_every_case_every_round():
+    calls = {"a": 0, "b": 0}
+
+    def case(name):
+        def fn():
+            calls[name] += 1
+        return fn
+
+    t = interleaved({"a": case("a"), "b": case("b")}, rounds=3, min_run_time=0.001)
+    assert set(t) == {"a", "b"} and all(len(x.rounds) == 3 and x.blocks >= 3 and x.median > 0 for x in t.values())
+    assert calls["a"] > 3 and calls["b"] > 3
+
+
+def test_speed_per_layer_writes_csv_and_json(tmp_path):
+    out = _run("speed.py", "--sizes", "4x16x24", "--ks", "3", "--rounds", "1", "--min-run-time", "0.001",
+               "--backends", "cpu", "--out-dir", str(tmp_path), "--no-plot").stdout
+    assert "speedup" in out
+    rows = list(csv.DictReader(open(tmp_path / "speed-cpu-float32.csv")))
+    assert [(r["mode"], r["backend"], r["k"]) for r in rows] == [
+        ("unified", "cpu", "3"), ("unified+sparse", "cpu", "3"), ("per_example", "cpu", "3")]
+    for r in rows:
+        assert float(r["speedup"]) == pytest.approx(float(r["dense_backward_ms"]) / float(r["backward_ms"]), rel=1e-9)
+        assert r["noisy"] in ("True", "False") and float(r["forward_ratio"]) > 0
+    meta = json.loads((tmp_path / "speed-cpu-float32.json").read_text())
+    assert meta["machine"]["date"] and meta["rounds"] == 1 and len(meta["results"]) == 3
+
+
+def test_speed_step_view_writes_json(tmp_path):
+    _run("speed.py", "--step", "--rounds", "1", "--min-run-time", "0.001", "--out-dir", str(tmp_path))
+    rows = json.loads((tmp_path / "step-cpu.json").read_text())["results"]
+    assert [r["config"] for r in rows] == ["dense, Adam", "unified k=30, Adam", "per_example k=30, Adam",
+                                           "unified k=30, sparse step"]
+    assert rows[0]["step_speedup"] == 1.0 and all(r["step_ms"] > r["forward+backward_ms"] * 0.5 for r in rows)

@@ -26,6 +26,9 @@ struct Acc<double> {
 template <typename T>
 using acc_t = typename Acc<T>::type;
 
+// The tensor dtype of acc_t: double for double, float for the others.
+inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
 }  // namespace meprop
 
 namespace meprop::checks {

@@ -4,16 +4,29 @@
 gradient; ``meprop.convert`` swaps it into an existing model; ``meprop.functional.linear`` is the function.
 The ops (defined once in ``meprop.opdefs``) run on fused C++ (CPU), CUDA or Triton kernels, all checked against
 ``meprop.reference``; ``meprop.backends`` says which backend can run what. ``meprop.optim`` keeps the
-optimizer step sparse too; ``meprop.mnist`` is the paper's MNIST experiment (import it explicitly).
+optimizer step sparse too; ``meprop.distributed`` makes DDP training select for the global batch and
+all-reduce only the kept rows; ``meprop.mnist`` is the paper's MNIST experiment (import it explicitly).
 """
 
 import warnings
 
-from . import backends, functional, opdefs, ops, optim, reference
+from . import backends, distributed, functional, opdefs, ops, optim, reference
 from .functional import MODES, linear_backward
 from .modules import Linear, convert
 
-__all__ = ["Linear", "convert", "functional", "backends", "opdefs", "reference", "ops", "optim", "MODES", "linear_backward"]
+__all__ = [
+    "Linear",
+    "convert",
+    "functional",
+    "backends",
+    "distributed",
+    "opdefs",
+    "reference",
+    "ops",
+    "optim",
+    "MODES",
+    "linear_backward",
+]
 __version__ = "0.1.0"
 
 if ops.EXTENSION_ERROR is not None:

@@ -30,7 +30,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from . import backends, reference
+from . import backends, distributed, reference
 
 __all__ = ["MODES", "linear", "linear_backward", "resolve_k"]
 
@@ -105,11 +105,13 @@ def linear_backward(
     bias_grad: bool = True,
     sparse_grad: bool = False,
     generator: torch.Generator | None = None,
+    sync: distributed.SyncSelection | None = None,
     reuse_grad: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """meProp's backward of ``y = input W^T + b`` for ``grad_output`` of shape ``(..., out)``, in one op call.
 
-    ``k`` is the resolved int (``1 <= k < out``) and ``backend`` a backend name or :class:`~meprop.backends.Backend`.
+    ``k`` is the resolved int (``1 <= k < out``) and ``backend`` a backend name or :class:`~meprop.backends.Backend`;
+    with ``sync`` the unified selections are those of the whole process group (:mod:`meprop.distributed`).
     Returns ``(dx, dW, db)``: ``dx`` shaped like ``input``, ``dW (out, in)`` dense or, with ``sparse_grad``, a
     coalesced sparse COO tensor holding only the touched rows, ``db (out,)``; None where not asked for.
     ``reuse_grad``: the CPU kernels may return the dense ``dW`` they returned for this weight last time, if nothing
@@ -125,7 +127,10 @@ def linear_backward(
         dy = dy.to(weight.dtype)
     x = input if flat else input.reshape(dy.shape[0], weight.shape[1])  # (not -1: in_features may be 0)
     if mode == "unified" or mode == "random_unified":
-        idx = None if mode == "unified" else reference.random_unified(dy, k, generator)
+        if sync is not None:  # data parallel: one selection for every rank of the group (meprop.distributed)
+            idx = sync.select(dy, k, mode, backend, generator)
+        else:
+            idx = None if mode == "unified" else reference.random_unified(dy, k, generator)
         dx, dw, db, rows = backend.linear_backward_unified(
             dy, x, weight, k, idx, input_grad, weight_grad, bias_grad, sparse_grad, reuse_grad
         )
@@ -145,15 +150,15 @@ class _SparseLinear(torch.autograd.Function):
     that ``Function.apply`` skips binding its arguments with ``inspect`` on every call (eager, compile)."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, k, mode, backend, sparse_grad, generator):
-        _SparseLinear._save(ctx, input, weight, bias, k, mode, backend, sparse_grad, generator)
+    def forward(ctx, input, weight, bias, k, mode, backend, sparse_grad, generator, sync):
+        _SparseLinear._save(ctx, input, weight, bias, k, mode, backend, sparse_grad, generator, sync)
         return F.linear(input, weight, bias)
 
     @staticmethod
-    def _save(ctx, input, weight, bias, k, mode, backend, sparse_grad, generator):
+    def _save(ctx, input, weight, bias, k, mode, backend, sparse_grad, generator, sync):
         ctx.save_for_backward(input, weight)
         ctx.k, ctx.mode, ctx.backend, ctx.sparse_grad, ctx.generator = k, mode, backend, sparse_grad, generator
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.sync = bias is not None, sync
         # The dense weight-gradient buffer is reused only in eager mode (a compiled graph may write its
         # outputs' memory without the version counter seeing it).
         ctx.reuse_grad = not torch.compiler.is_compiling()
@@ -179,9 +184,10 @@ class _SparseLinear(torch.autograd.Function):
                 bias_grad=need_db and ctx.has_bias,
                 sparse_grad=ctx.sparse_grad,
                 generator=ctx.generator,
+                sync=ctx.sync,
                 reuse_grad=ctx.reuse_grad and not again,
             )
-        return dx, dw, db, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None
 
 
 class _SparseLinearTransformable(_SparseLinear):
@@ -190,7 +196,7 @@ class _SparseLinearTransformable(_SparseLinear):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(input, weight, bias, k, mode, backend, sparse_grad, generator):
+    def forward(input, weight, bias, k, mode, backend, sparse_grad, generator, sync):
         return F.linear(input, weight, bias)
 
     @staticmethod
@@ -202,12 +208,22 @@ def _autocast_on(device_type: str) -> bool:
     return device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
 
 
-def sparse_linear(input, weight, bias, k: int | None, mode: str, backend, sparse_grad: bool, generator, where: str):
-    """:func:`linear` with checked options and a resolved ``k`` (the per-call path of ``meprop.Linear``)."""
+def sparse_linear(
+    input, weight, bias, k: int | None, mode: str, backend, sparse_grad: bool, generator, where: str, sync=None
+):
+    """:func:`linear` with checked options and a resolved ``k`` (the per-call path of ``meprop.Linear``);
+    ``sync``: the layer's :class:`~meprop.distributed.SyncSelection` or None."""
     input, weight, bias = _autocast(input, weight, bias)
     needs_grad = torch.is_grad_enabled() and (
         input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
+    if sync is not None and needs_grad:  # data parallel (meprop.distributed): eager only; dense gradients noted
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+            raise RuntimeError(
+                f"{where}: sync_selection=True works in eager mode only (not under torch.compile or torch.func)"
+            )
+        if k is None or mode not in ("unified", "random_unified"):
+            sync.touch_all()
     if k is None or not needs_grad:
         return F.linear(input, weight, bias)
     _check_tensors(input, weight, bias, where)
@@ -217,10 +233,12 @@ def sparse_linear(input, weight, bias, k: int | None, mode: str, backend, sparse
             f"{where}: sparse_grad=True and an explicit generator work in eager mode only; under torch.compile use "
             "sparse_grad=False and seed the global random generator (torch.manual_seed) instead"
         )
+    if sparse_grad:
+        distributed.refuse_sparse_grad_under_ddp(weight, where)
     function = _SparseLinear
     if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
         function = _SparseLinearTransformable
-    return function.apply(input, weight, bias, k, mode, name, sparse_grad, generator)
+    return function.apply(input, weight, bias, k, mode, name, sparse_grad, generator, sync)
 
 
 def linear(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import functional
+from . import distributed, functional
 
 __all__ = ["Linear", "convert"]
 
@@ -22,6 +22,10 @@ class Linear(nn.Linear):
         backend: None (automatic) or one of ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``.
         sparse_grad: the weight gradient is a sparse COO tensor of the touched rows only.
         generator: random source for the random modes.
+        sync_selection: under data parallelism, select the same ``k`` columns on every rank from the scores
+            summed over the process group, so that DDP's averaged gradient is the single-process meProp gradient
+            of the global batch (unified modes; see :mod:`meprop.distributed`). Eager mode only.
+        process_group: the group sharing the selection (None: the default group); with ``sync_selection`` only.
     """
 
     def __init__(
@@ -37,6 +41,8 @@ class Linear(nn.Linear):
         backend: str | None = None,
         sparse_grad: bool = False,
         generator: torch.Generator | None = None,
+        sync_selection: bool = False,
+        process_group=None,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.k = k
@@ -44,6 +50,10 @@ class Linear(nn.Linear):
         self.backend = backend
         self.sparse_grad = sparse_grad
         self.generator = generator
+        if process_group is not None and not sync_selection:
+            raise ValueError(f"{self._where}: process_group is used with sync_selection=True only")
+        # The synchronised selection's state (meprop.distributed.SyncSelection), or None.
+        self.selection_sync = distributed.SyncSelection(process_group, self._where) if sync_selection else None
 
     @property
     def _where(self) -> str:
@@ -85,6 +95,11 @@ class Linear(nn.Linear):
         functional.check_options("unified", value, self._where)
         self._backend = value
 
+    @property
+    def sync_selection(self) -> bool:
+        """Whether the selection is synchronised over a process group (set at construction)."""
+        return self.selection_sync is not None
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, **options) -> Linear:
         """A meprop.Linear sharing ``linear``'s parameter objects (so existing optimizers keep working)."""
@@ -104,6 +119,7 @@ class Linear(nn.Linear):
             self.sparse_grad,
             self.generator,
             self._where,
+            self.selection_sync,
         )
 
     def extra_repr(self) -> str:
@@ -112,6 +128,8 @@ class Linear(nn.Linear):
             text += f", backend={self.backend!r}"
         if self.sparse_grad:
             text += ", sparse_grad=True"
+        if self.sync_selection:
+            text += ", sync_selection=True"
         return text
 
 
@@ -121,7 +139,8 @@ def convert(module: nn.Module, *, k, mode: str = "unified", skip_last: bool = Fa
     Only modules whose type is exactly ``nn.Linear`` are replaced (subclasses such as attention's
     ``out_proj``, whose weights their owner uses directly, are left alone). With ``skip_last`` the last
     ``nn.Linear`` in ``module.named_modules()`` order (usually the output layer) stays dense. ``options``
-    (``backend``, ``sparse_grad``, ``generator``) are passed to :class:`Linear`. Returns the converted module
+    (``backend``, ``sparse_grad``, ``generator``, ``sync_selection``, ``process_group``) are passed to
+    :class:`Linear`. Returns the converted module
     (a new object only when ``module`` itself is an ``nn.Linear``).
     """
     targets = [name for name, m in module.named_modules() if type(m) is nn.Linear]

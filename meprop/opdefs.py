@@ -18,7 +18,7 @@ import torch
 
 from . import checks
 
-__all__ = ["OpDef", "OPS", "OP_NAMES", "register_fakes"]
+__all__ = ["OpDef", "OPS", "OP_NAMES", "accumulate_dtype", "register_fakes"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,11 @@ class OpDef:
         from . import reference
 
         return getattr(reference, self.name)
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype products and sums of ``dtype`` inputs accumulate in (float64 stays, the rest use float32)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _topk(op: str, dy, k) -> None:
@@ -168,6 +173,13 @@ OPS: dict[str, OpDef] = _table(
         lambda dy, k: _topk("topk_unified", dy, k),
         lambda dy, k: dy.new_empty((k,), dtype=torch.long),
         "idx (k,) int64: the k columns of dy (N, out) with the largest sum_n |dy[n, j]|, in selection order.",
+    ),
+    OpDef(
+        "column_scores",
+        "(Tensor dy) -> Tensor",
+        lambda dy: checks.matrix("column_scores", "dy", dy),
+        lambda dy: dy.new_empty((dy.shape[1],), dtype=accumulate_dtype(dy.dtype)),
+        "scores (out,) = sum_n |dy[n, j]| of dy (N, out), in the accumulation dtype: what topk_unified ranks.",
     ),
     OpDef(
         "topk_rows",

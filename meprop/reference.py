@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import torch
 
-from .opdefs import OPS
+from .opdefs import OPS, accumulate_dtype
 
 __all__ = [
     "accumulate_dtype",
+    "column_scores",
     "topk_unified",
     "topk_rows",
     "random_unified",
@@ -38,15 +39,24 @@ __all__ = [
 ]
 
 
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype products and sums of ``dtype`` inputs accumulate in (float64 stays, the rest use float32)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _order_desc(scores: torch.Tensor, dim: int) -> torch.Tensor:
     """Indices sorting ``scores`` descending along ``dim``: ties by lower index, NaN first."""
     # A stable descending sort keeps equal scores in index order; torch.sort ranks NaN above +inf.
     return torch.sort(scores, dim=dim, descending=True, stable=True).indices
+
+
+def _column_scores(dy: torch.Tensor) -> torch.Tensor:
+    return dy.detach().abs().sum(0, dtype=accumulate_dtype(dy.dtype))
+
+
+def column_scores(dy: torch.Tensor) -> torch.Tensor:
+    """The unified selection's scores ``sum_n |dy[n, j]|``, shape ``(out,)``, in the accumulation dtype.
+
+    ``topk_unified(dy, k)`` is the top ``k`` of these; summed over several ``dy`` (the ranks of a data-parallel
+    group) and then ranked (``topk_unified(scores[None], k)``), they select for the concatenated batch.
+    """
+    OPS["column_scores"].check(dy)
+    return _column_scores(dy)
 
 
 def topk_unified(dy: torch.Tensor, k: int) -> torch.Tensor:
@@ -55,8 +65,7 @@ def topk_unified(dy: torch.Tensor, k: int) -> torch.Tensor:
     Returns int64 indices of shape ``(k,)`` in selection order (largest score first).
     """
     OPS["topk_unified"].check(dy, k)
-    scores = dy.detach().abs().sum(0, dtype=accumulate_dtype(dy.dtype))
-    return _order_desc(scores, 0)[:k].contiguous()
+    return _order_desc(_column_scores(dy), 0)[:k].contiguous()
 
 
 def topk_rows(dy: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -111,6 +111,9 @@ def oracle(op: str, *args):
     """Op ``op`` computed from its formula, in float64 on CPU (indices int64)."""
     f64 = [a.detach().cpu().double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
     f64 = [a.cpu() if isinstance(a, torch.Tensor) else a for a in f64]
+    if op == "column_scores":
+        (dy,) = f64
+        return torch.tensor([float(dy[:, j].abs().sum()) for j in range(dy.shape[1])], dtype=torch.float64)
     if op == "topk_unified":
         dy, k = f64
         scores = [float(dy[:, j].abs().sum()) for j in range(dy.shape[1])]

@@ -30,7 +30,7 @@ from conformance import (
 )
 
 from meprop import backends
-from meprop.opdefs import OP_NAMES
+from meprop.opdefs import OP_NAMES, accumulate_dtype
 
 # (N, out, in): a single row and column, odd sizes, sizes across the kernels' tile and chunk edges.
 SHAPES = [(1, 2, 1), (7, 5, 13), (33, 70, 100), (64, 257, 17), (130, 96, 300)]
@@ -71,6 +71,10 @@ def poisoned(name: str, device: str, nbytes: int):
 def _cases(op: str, dtype, device, gen, limit):
     """The argument tuples op ``op`` is tried on."""
     for n, out, n_in in SHAPES:
+        if op == "column_scores":
+            yield (tie_free_columns(n, out, dtype, gen, device),)
+            yield (gaussian((n, out), dtype, gen, device),)
+            continue
         if op in ("topk_unified", "topk_rows"):
             make = tie_free_columns if op == "topk_unified" else tie_free_rows
             dy = make(n, out, dtype, gen, device)
@@ -137,7 +141,9 @@ def _check(op: str, got, args, dtype, device) -> None:
     if op in ("linear_backward_unified", "linear_backward_rows"):
         _check_backward(op, got, args, want, dtype, device)
         return
-    if op == "topk_unified":
+    if op == "column_scores":
+        assert_matches(got, want, accumulate_dtype(dtype), device)  # float32 sums of 16-bit inputs
+    elif op == "topk_unified":
         assert got.dtype == torch.long and got.device.type == torch.device(device).type
         assert torch.equal(got.cpu(), want), (got, want)
     elif op == "topk_rows":
@@ -184,6 +190,8 @@ def test_selection_ties_nan_and_inf(backend_device):
     dy[2, ::3] = -0.0
     dy[4, 10], dy[4, 11] = 2.0, -2.0  # a +-x tie goes by index
     dy = dy.to(device)
+    scores = ops.column_scores(dy)
+    torch.testing.assert_close(scores.cpu().double(), oracle("column_scores", dy), rtol=0, atol=0, equal_nan=True)
     for k in (1, 2, 5, 39, 40):
         assert torch.equal(ops.topk_unified(dy, k).cpu(), oracle("topk_unified", dy, k)), k
         vals, idx = ops.topk_rows(dy, k)
@@ -192,6 +200,7 @@ def test_selection_ties_nan_and_inf(backend_device):
         torch.testing.assert_close(vals.cpu().double(), want_vals, rtol=0, atol=0, equal_nan=True)
     zeros = torch.zeros(0, 9, device=device)  # no rows: every score is 0, so the lowest indices
     assert ops.topk_unified(zeros, 4).tolist() == [0, 1, 2, 3]
+    assert ops.column_scores(zeros).tolist() == [0.0] * 9
     assert ops.topk_rows(zeros, 4)[1].shape == (0, 4)
 
 
@@ -263,6 +272,7 @@ def test_strided_inputs(backend_device):
     idx = distinct_index(40, 12, gen, device)[::2]  # a strided index
     assert not (dy.is_contiguous() or x.is_contiguous() or w.is_contiguous() or idx.is_contiguous())
     assert torch.equal(ops.topk_unified(dy, 6).cpu(), oracle("topk_unified", dy, 6))
+    assert_matches(ops.column_scores(dy), oracle("column_scores", dy), torch.float32, device)
     assert_matches(
         ops.linear_input_grad_unified(dy, w, idx),
         oracle("linear_input_grad_unified", dy, w, idx),
@@ -319,6 +329,8 @@ def _bad_calls(device):
     vals, ridx = t(4, 2), torch.zeros(4, 2, dtype=torch.long, device=device)
     flags = (True, True, True, False, False)
     return [
+        ("column_scores", (t(2, 3, 4),), ValueError, False),
+        ("column_scores", (dy.int(),), TypeError, False),
         ("topk_unified", (dy, 0), ValueError, False),
         ("topk_unified", (dy, 7), ValueError, False),
         ("topk_rows", (dy, -1), ValueError, False),
@@ -389,6 +401,7 @@ def test_opcheck_every_op(backend_device):
     vals, ridx = gaussian((9, 3), torch.float32, gen, device), row_index(9, 11, 3, gen, device)
     rows = gaussian((4, 7), torch.float32, gen, device)
     args = {
+        "column_scores": (dy,),
         "topk_unified": (dy, 4),
         "topk_rows": (dy, 3),
         "linear_input_grad_unified": (dy, w, idx),

@@ -62,6 +62,7 @@ def test_topk_large(dtype, cuda_ops):
     assert torch.equal(idx, ref_idx) and torch.equal(vals, ref_vals)
     many_rows = tie_free_columns(70_000, 9, dtype, gen, DEVICE)
     assert torch.equal(cuda_ops.topk_unified(many_rows, 4), meprop.reference.topk_unified(many_rows, 4))
+    assert torch.equal(cuda_ops.column_scores(many_rows), meprop.reference.column_scores(many_rows))
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)

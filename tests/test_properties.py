@@ -55,6 +55,9 @@ def test_unified_pipeline(backend_device):
         dy, x, w, k, dtype = _inputs(case, device, tie_free_columns)
         idx = ops.topk_unified(dy, k)
         assert torch.equal(idx.cpu(), oracle("topk_unified", dy, k))
+        scores = ops.column_scores(dy)  # tie-free columns: exact sums, ranked like topk_unified's
+        assert torch.equal(scores.cpu().double(), oracle("column_scores", dy))
+        assert torch.equal(ops.topk_unified(scores.unsqueeze(0), k), idx)
         assert_matches(
             ops.linear_input_grad_unified(dy, w, idx), oracle("linear_input_grad_unified", dy, w, idx), dtype, device
         )

@@ -51,22 +51,35 @@ def topk_rows(dy: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return vals, idx
 
 
-@library_op("topk_unified")
-def topk_unified(dy: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` columns of ``dy (N, out)`` of largest ``sum_n |dy[n, j]|``, int64 ``(k,)``.
-
-    Two stages: float32 column sums of |dy| over row parts (``(parts, out)``, many programs), then one
-    program selecting from the sums of the parts.
-    """
-    dy = dy.contiguous()
+def _column_partials(dy: torch.Tensor) -> torch.Tensor:
+    """float32 column sums of ``|dy|`` (contiguous ``(N, out)``) over row parts: ``(parts, out)``, many programs."""
     n_rows, n_cols = dy.shape
     base = _UNIFIED_ROWS_PER_PART_INTERPRET if INTERPRETED else _UNIFIED_ROWS_PER_PART
     rows_per_part = max(base, triton.cdiv(n_rows, _UNIFIED_MAX_PARTS))
     n_parts = max(1, triton.cdiv(n_rows, rows_per_part))
     partial = dy.new_empty((n_parts, n_cols), dtype=torch.float32)
-    launch(topk_kernels.column_abs_sum_kernel)[lambda meta: (triton.cdiv(n_cols, meta["BLOCK_C"]), n_parts)](
-        dy, partial, n_rows, n_cols, n_cols, rows_per_part
-    )
+    if n_cols:
+        launch(topk_kernels.column_abs_sum_kernel)[lambda meta: (triton.cdiv(n_cols, meta["BLOCK_C"]), n_parts)](
+            dy, partial, n_rows, n_cols, n_cols, rows_per_part
+        )
+    return partial
+
+
+@library_op("column_scores")
+def column_scores(dy: torch.Tensor) -> torch.Tensor:
+    """float32 ``(out,)`` column scores ``sum_n |dy[n, j]|``: the sum of the row parts' sums."""
+    return _column_partials(dy.contiguous()).sum(0)
+
+
+@library_op("topk_unified")
+def topk_unified(dy: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` columns of ``dy (N, out)`` of largest ``sum_n |dy[n, j]|``, int64 ``(k,)``.
+
+    Two stages: the column sums of the row parts (:func:`_column_partials`), then one program selecting from
+    the sums of the parts.
+    """
+    partial = _column_partials(dy.contiguous())
+    n_parts, n_cols = partial.shape
     idx = dy.new_empty((k,), dtype=torch.long)
     plan = {**_topk_plan(n_cols, k), "ROWS": 1}
     launch(topk_kernels.topk_kernel)[(1,)](

@@ -27,8 +27,6 @@ namespace meprop::cuda {
 __device__ __forceinline__ float magnitude(float v) { return fabsf(v); }
 __device__ __forceinline__ double magnitude(double v) { return fabs(v); }
 
-inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 // Kernels walk their work items in a grid-stride loop, so a grid never needs more blocks than this.
 constexpr int64_t kMaxBlocks = int64_t{1} << 20;
 

@@ -61,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--step", action="store_true", help="the training-step view (MNIST MLP) instead of per layer")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
-    p.add_argument("--sizes", nargs="+", metavar="BxINxOUT", help="e.g. 1024x8192x8192 50x500x500")
+    p.add_argument("--sizes", nargs="+", metavar="BxINxOUT[:K,...]", help="e.g. 1024x8192x8192:32 50x500x500:20,30")
     p.add_argument("--ks", nargs="+", type=int, help="k values for every size (default: per size)")
     p.add_argument("--backends", nargs="+", help="subset of the available backends (default: all)")
     p.add_argument("--modes", nargs="+", default=[v[0] for v in VARIANTS], choices=[v[0] for v in VARIANTS])
@@ -131,8 +131,11 @@ def describe_machine(device):
 
 def per_layer(args, device, dtype):
     sizes = QUICK_SIZES if args.quick else DEFAULT_SIZES
-    if args.sizes:
-        sizes = {tuple(int(v) for v in s.lower().split("x")): None for s in args.sizes}
+    if args.sizes:  # BxINxOUT or BxINxOUT:k1,k2,...
+        sizes = {}
+        for spec in args.sizes:
+            shape, _, ks = spec.partition(":")
+            sizes[tuple(int(v) for v in shape.lower().split("x"))] = [int(k) for k in ks.split(",")] if ks else None
     chosen = args.backends or backends.available(device)
     for name in chosen:
         backends.resolve(name, device, dtype)  # a clear error for an unavailable backend
@@ -142,7 +145,7 @@ def per_layer(args, device, dtype):
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
     for (b, i, o), size_ks in sizes.items():
-        ks = args.ks or size_ks or [32]
+        ks = (size_ks if args.sizes else None) or args.ks or size_ks or [32]  # explicit size:ks, --ks, defaults
         reference_k = min(ks, key=lambda k: abs(k - 32))
         x = torch.randn(b, i, device=device, dtype=dtype, generator=gen, requires_grad=True)
         w = torch.randn(o, i, device=device, dtype=dtype, generator=gen, requires_grad=True)

@@ -92,7 +92,7 @@ class _LSTMLayer(torch.autograd.Function):
         idx = None
         if mode.startswith("random"):
             idx = _random_idx(steps, batch, hidden, k, per_gate, per_example, generator, x.device)
-        run = getattr(backends.loaded(backend), "lstm_backward", lstm_reference.lstm_backward)
+        run = backends.get(backend).lstm_backward
         dx, dh0, dc0, dw_ih, dw_hh, db = run(
             dout, dh_n, dc_n, x, h_prev, c_prev, gates, w_ih, w_hh, batch_sizes, reverse, k, per_gate, per_example, idx
         )

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from .opdefs import LSTM_BACKWARD, accumulate_dtype
+from .opdefs import OPS, accumulate_dtype
 
 __all__ = ["lstm_backward", "lstm_select"]
 
@@ -75,7 +75,7 @@ def lstm_backward(
         dx ``(T, B, I)`` (zero in rows not taking part), dh0 and dc0 ``(B, H)``, dW_ih ``(4H, I)``,
         dW_hh ``(4H, H)``, db ``(4H,)`` (the gradient of each of b_ih and b_hh), in the inputs' dtype.
     """
-    LSTM_BACKWARD.check(
+    OPS["lstm_backward"].check(
         dout, dh_n, dc_n, x, h_prev, c_prev, gates, weight_ih, weight_hh, batch_sizes, reverse, k, per_gate,
         per_example, idx,
     )

@@ -200,7 +200,7 @@ def _lstm_shapes(dout, dh_n, dc_n, x, h_prev, c_prev, gates, weight_ih, weight_h
             x.new_empty(weight_hh.shape), x.new_empty((weight_hh.shape[0],)))
 
 
-LSTM_BACKWARD = OpDef(
+_LSTM_BACKWARD = OpDef(
     "lstm_backward",
     "(Tensor dout, Tensor dh_n, Tensor dc_n, Tensor x, Tensor h_prev, Tensor c_prev, Tensor gates, Tensor weight_ih, "
     "Tensor weight_hh, int[]? batch_sizes, bool reverse, int k, bool per_gate, bool per_example, Tensor? idx) "
@@ -295,6 +295,7 @@ OPS: dict[str, OpDef] = _table(
         lambda rows, idx, out_features: rows.new_empty((out_features, rows.shape[1])),
         "(out_features, in) holding rows[i] at row idx[i] (distinct) and zeros elsewhere.",
     ),
+    _LSTM_BACKWARD,
 )
 
 OP_NAMES: tuple[str, ...] = tuple(OPS)

@@ -262,7 +262,8 @@ def build_model(model: str, method: str, *, k=None, k_mode: str = "unified", **o
     """The ``model`` (mlp, cnn, lstm, transformer) trained by ``method`` (al, bp); ``options`` go to its class.
 
     With ``k`` every exactly-``nn.Linear`` layer becomes a ``meprop.Linear`` keeping ``k`` gradient entries
-    (layers with ``out_features <= k`` stay exact); attention's internal projections and LSTM weights stay dense.
+    (layers with ``out_features <= k`` stay exact) and every ``nn.LSTM`` a ``meprop.LSTM`` (``k`` per gate);
+    attention's internal projections stay dense.
     """
     if (model, method) not in _CLASSES:
         raise ValueError(
@@ -272,5 +273,5 @@ def build_model(model: str, method: str, *, k=None, k_mode: str = "unified", **o
     if k is not None:
         import meprop
 
-        net = meprop.convert(net, k=k, mode=k_mode)
+        net = meprop.convert(net, k=k, mode=k_mode, lstm=True)
     return net

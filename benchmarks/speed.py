@@ -13,12 +13,18 @@ step) of the paper's MNIST MLP 784-500-500-10 at batch 50: dense with Adam, mePr
 with the sparse step (row-sparse weight gradients, SparseAdam on them, Adam on the rest); also forward +
 backward alone, so the optimizer's share shows.
 
-Results go to benchmarks/results/speed-<device>-<dtype>[-quick].{csv,json,png} (per layer) and
-benchmarks/results/step-<device>.json (step view).
+LSTM view (``--lstm``): one ``nn.LSTM`` layer (input 300, hidden 500, 25 steps, batch 32 and 1) against
+``meprop.LSTM`` at k=10 per gate, unified and per_example, per backend: the forward (with autograd on) and the
+backward (``torch.autograd.grad`` of dx and every weight over a retained graph), interleaved; the peak memory
+of one forward + backward is the growth of the peak resident set of a fresh process running just that case.
+
+Results go to benchmarks/results/speed-<device>-<dtype>[-quick].{csv,json,png} (per layer),
+benchmarks/results/step-<device>.json (step view) and benchmarks/results/lstm-<device>.json (LSTM view).
 
     python benchmarks/speed.py            # default run (about 10 minutes on 2 CPU cores)
     python benchmarks/speed.py --quick    # the key cases only (a few minutes)
     python benchmarks/speed.py --step     # the training step of the MNIST MLP
+    python benchmarks/speed.py --lstm     # the LSTM layer (issue 16)
 """
 
 from __future__ import annotations
@@ -59,6 +65,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="key cases only, fewer rounds (a few minutes)")
     p.add_argument("--step", action="store_true", help="the training-step view (MNIST MLP) instead of per layer")
+    p.add_argument("--lstm", action="store_true", help="the LSTM view (nn.LSTM vs meprop.LSTM) instead of per layer")
+    p.add_argument("--lstm-peak", help=argparse.SUPPRESS)  # internal: one LSTM case's peak memory, in this process
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     p.add_argument("--sizes", nargs="+", metavar="BxINxOUT[:K,...]", help="e.g. 1024x8192x8192:32 50x500x500:20,30")
@@ -245,8 +253,101 @@ def step_view(args, device):
     return rows
 
 
+# (batch, steps, input, hidden, k per gate) of the LSTM view: the issue's goal size and the paper's batch of 1.
+LSTM_SIZES = [(32, 25, 300, 500, 10), (1, 25, 300, 500, 10)]
+LSTM_MODES = ("unified", "per_example")
+
+
+def lstm_case(batch, steps, n_in, hidden, k, mode, backend, device):
+    """(model, x, dout) of one LSTM case; mode None is the dense nn.LSTM."""
+    torch.manual_seed(0)
+    model = nn.LSTM(n_in, hidden) if mode is None else meprop.LSTM(n_in, hidden, k=k, mode=mode, backend=backend)
+    model = model.to(device)
+    x = torch.randn(steps, batch, n_in, device=device, requires_grad=True)
+    return model, x, torch.randn(steps, batch, hidden, device=device)
+
+
+def lstm_peak(spec: str, device) -> None:
+    """Print the peak-RSS growth (MB) of one forward + backward of the case ``batch,mode,backend`` (a fresh
+    process: --lstm-peak)."""
+    import resource
+
+    batch, mode, backend = spec.split(",")
+    size = next(s for s in LSTM_SIZES if s[0] == int(batch))
+    model, x, dout = lstm_case(*size, None if mode == "dense" else mode, backend, device)
+    with torch.no_grad():  # warm the allocator and the kernels' scratch, then measure from the current peak
+        model(x)
+    out, _ = model(x)
+    torch.autograd.grad(out, [x, *model.parameters()], dout)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out, _ = model(x)
+    torch.autograd.grad(out, [x, *model.parameters()], dout)
+    if device.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    print(f"PEAK_MB {peak:.2f}")
+
+
+def lstm_view(args, device):
+    """nn.LSTM vs meprop.LSTM per backend and mode: forward and backward times, ratios, peak memory."""
+    import subprocess
+
+    names = [b for b in backends.available(device) if b != "reference" and (not args.backends or b in args.backends)]
+    rows = []
+    for batch, steps, n_in, hidden, k in LSTM_SIZES:
+        configs = {("dense", "nn.LSTM"): lstm_case(batch, steps, n_in, hidden, k, None, None, device)}
+        for backend in names:
+            for mode in LSTM_MODES:
+                configs[(mode, backend)] = lstm_case(batch, steps, n_in, hidden, k, mode, backend, device)
+        cases, graphs = {}, {}
+        for key, (model, x, dout) in configs.items():
+            inputs = [x, *model.parameters()]
+            cases[key + ("forward",)] = lambda model=model, x=x: model(x)
+            out, _ = model(x)
+            graphs[key] = out
+            cases[key + ("backward",)] = lambda out=out, inputs=inputs, dout=dout: torch.autograd.grad(
+                out, inputs, dout, retain_graph=True)
+        t = interleaved(cases, rounds=args.rounds, min_run_time=args.min_run_time)
+        dense = {phase: t[("dense", "nn.LSTM", phase)] for phase in ("forward", "backward")}
+        for key in configs:
+            row = dict(batch=batch, steps=steps, d_in=n_in, hidden=hidden, k=k if key[0] != "dense" else None,
+                       mode=key[0], backend=key[1])
+            for phase in ("forward", "backward"):
+                c = compare(t[key + (phase,)], dense[phase]) if phase == "forward" else compare(dense[phase], t[key + (phase,)])
+                row.update({f"{phase}_ms": t[key + (phase,)].median * 1e3, f"{phase}_iqr_ms": t[key + (phase,)].iqr * 1e3,
+                            f"{phase}_ratio": c["ratio"], f"{phase}_ratio_min": c["ratio_min"],
+                            f"{phase}_ratio_max": c["ratio_max"], f"{phase}_noisy": c["noisy"]})
+            spec = f"{batch},{key[0]},{key[1]}"
+            done = subprocess.run([sys.executable, __file__, "--lstm-peak", spec, "--device", str(device)],
+                                  capture_output=True, text=True)
+            peak = [ln for ln in done.stdout.splitlines() if ln.startswith("PEAK_MB")]
+            row["peak_mb"] = float(peak[0].split()[1]) if peak else None
+            rows.append(row)
+        del graphs
+    print(f"{'LSTM T=25 in=300 H=500':<24} {'mode':<12} {'backend':<8} {'fwd ms':>8} {'fwd/dense':>9} "
+          f"{'bwd ms (IQR)':>15} {'dense/bwd [range]':>20} {'peak MB':>8}")
+    for r in rows:
+        print(f"{'batch ' + str(r['batch']):<24} {r['mode']:<12} {r['backend']:<8} {r['forward_ms']:8.2f} "
+              f"{r['forward_ratio']:9.2f} {r['backward_ms']:8.2f} ({r['backward_iqr_ms']:.2f}) "
+              f"{r['backward_ratio']:7.1f}x [{r['backward_ratio_min']:.1f}-{r['backward_ratio_max']:.1f}] "
+              f"{r['peak_mb'] if r['peak_mb'] is not None else float('nan'):8.1f}"
+              + ("  noisy" if r["backward_noisy"] else ""))
+    print("fwd/dense = meprop forward / nn.LSTM forward; dense/bwd = nn.LSTM backward / meprop backward; "
+          "peak MB = growth of the peak RSS (CPU) or of the peak allocation (CUDA) over one forward + backward")
+    return rows
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.lstm_peak:
+        lstm_peak(args.lstm_peak, torch.device(args.device))
+        return
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     machine = describe_machine(device)
     print(f"meprop speed benchmark on {machine['device']}, {args.dtype}, torch {machine['torch']}, "
@@ -254,6 +355,12 @@ def main(argv=None):
     meta = dict(machine=machine, dtype=args.dtype, rounds=args.rounds, min_run_time_s=args.min_run_time,
                 command=" ".join(sys.argv))
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    if args.lstm:
+        rows = lstm_view(args, device)
+        path = args.out_dir / f"lstm-{args.device}{'-quick' if args.quick else ''}.json"
+        path.write_text(json.dumps(dict(meta, results=rows), indent=1) + "\n")
+        print(f"wrote {path}", flush=True)
+        return
     if args.step:
         rows = step_view(args, device)
         path = args.out_dir / f"step-{args.device}{'-quick' if args.quick else ''}.json"

@@ -10,6 +10,8 @@
 
 #include <cctype>
 #include <optional>
+#include <utility>
+#include <vector>
 #include <string>
 
 namespace meprop {
@@ -65,6 +67,13 @@ inline bool is_float(const at::Tensor& t) {
 // t is a 2-D float16/bfloat16/float32/float64 tensor.
 inline void matrix(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK_VALUE(t.dim() == 2, "meprop.", op, ": ", name, " must be 2-D, got shape ", t.sizes());
+  TORCH_CHECK_TYPE(is_float(t), "meprop.", op, ": ", name, " must be float16, bfloat16, float32 or float64, got ",
+                   dtype_name(t.scalar_type()));
+}
+
+// t is a dims-D float16/bfloat16/float32/float64 tensor (matrix() for dims = 2).
+inline void array(const char* op, const char* name, const at::Tensor& t, int64_t dims) {
+  TORCH_CHECK_VALUE(t.dim() == dims, "meprop.", op, ": ", name, " must be ", dims, "-D, got shape ", t.sizes());
   TORCH_CHECK_TYPE(is_float(t), "meprop.", op, ": ", name, " must be float16, bfloat16, float32 or float64, got ",
                    dtype_name(t.scalar_type()));
 }
@@ -175,6 +184,54 @@ inline void linear_backward(const char* op, const at::Tensor& dy, const at::Tens
     index(op, "idx", *idx, idx_dims, dy);
     size_match(op, "k and idx entries", k, idx->size(-1));
     if (idx_dims == 2) size_match(op, "idx rows and dy rows", idx->size(0), dy.size(0));
+  }
+}
+
+// sizes lists `steps` ints, non-increasing, each in [0, batch] (a PackedSequence's batch sizes).
+inline void batch_sizes(const char* op, at::IntArrayRef sizes, int64_t steps, int64_t batch) {
+  TORCH_CHECK_VALUE(static_cast<int64_t>(sizes.size()) == steps, "meprop.", op, ": batch_sizes must hold ", steps,
+                    " entries (one per step), got ", sizes.size());
+  for (size_t t = 0; t < sizes.size(); ++t)
+    TORCH_CHECK_VALUE(sizes[t] >= 0 && sizes[t] <= batch && (t == 0 || sizes[t] <= sizes[t - 1]), "meprop.", op,
+                      ": batch_sizes must be non-increasing in [0, ", batch, "], got ", sizes);
+}
+
+// lstm_backward: the checks of meprop/opdefs.py's _lstm_backward, in its order (index values by the kernels).
+inline void lstm_backward(const at::Tensor& dout, const at::Tensor& dh_n, const at::Tensor& dc_n, const at::Tensor& x,
+                          const at::Tensor& h_prev, const at::Tensor& c_prev, const at::Tensor& gates,
+                          const at::Tensor& weight_ih, const at::Tensor& weight_hh, at::OptionalIntArrayRef sizes,
+                          int64_t k, bool per_gate, bool per_example, const std::optional<at::Tensor>& idx) {
+  constexpr const char* op = "lstm_backward";
+  matrix(op, "weight_ih", weight_ih);
+  matrix(op, "weight_hh", weight_hh);
+  like(op, "weight_hh", weight_hh, "weight_ih", weight_ih);
+  const std::pair<const char*, const at::Tensor*> arrays[] = {{"x", &x}, {"dout", &dout}, {"h_prev", &h_prev},
+                                                              {"c_prev", &c_prev}, {"gates", &gates},
+                                                              {"dh_n", &dh_n}, {"dc_n", &dc_n}};
+  for (int i = 0; i < 7; ++i) {
+    array(op, arrays[i].first, *arrays[i].second, i < 5 ? 3 : 2);
+    like(op, arrays[i].first, *arrays[i].second, "weight_ih", weight_ih);
+  }
+  const int64_t steps = x.size(0), batch = x.size(1), hidden = weight_hh.size(1);
+  size_match(op, "weight_hh rows and 4 * hidden", weight_hh.size(0), 4 * hidden);
+  size_match(op, "weight_ih rows and weight_hh rows", weight_ih.size(0), weight_hh.size(0));
+  size_match(op, "x features and weight_ih columns", x.size(2), weight_ih.size(1));
+  using shape = at::IntArrayRef;
+  const std::vector<int64_t> state{steps, batch, hidden}, all_gates{steps, batch, 4 * hidden}, last{batch, hidden};
+  size_match(op, "dout shape and (steps, batch, hidden)", dout.sizes(), shape(state));
+  size_match(op, "h_prev shape and (steps, batch, hidden)", h_prev.sizes(), shape(state));
+  size_match(op, "c_prev shape and (steps, batch, hidden)", c_prev.sizes(), shape(state));
+  size_match(op, "gates shape and (steps, batch, 4 * hidden)", gates.sizes(), shape(all_gates));
+  size_match(op, "dh_n shape and (batch, hidden)", dh_n.sizes(), shape(last));
+  size_match(op, "dc_n shape and (batch, hidden)", dc_n.sizes(), shape(last));
+  if (sizes.has_value()) batch_sizes(op, *sizes, steps, batch);
+  k_range(op, k, per_gate ? hidden : 4 * hidden);
+  if (idx.has_value()) {
+    index(op, "idx", *idx, per_example ? 3 : 2, x);
+    const int64_t kept = per_gate ? 4 * k : k;
+    const std::vector<int64_t> want = per_example ? std::vector<int64_t>{steps, batch, kept}
+                                                  : std::vector<int64_t>{steps, kept};
+    size_match(op, "idx shape and the kept entries' shape", idx->sizes(), shape(want));
   }
 }
 

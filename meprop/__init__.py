@@ -12,10 +12,12 @@ import warnings
 
 from . import backends, distributed, functional, opdefs, ops, optim, reference
 from .functional import MODES, linear_backward
+from .lstm import LSTM
 from .modules import Linear, convert
 
 __all__ = [
     "Linear",
+    "LSTM",
     "convert",
     "functional",
     "backends",

@@ -17,6 +17,8 @@ import torch
 __all__ = [
     "FLOAT_DTYPES",
     "matrix",
+    "array",
+    "batch_sizes",
     "like",
     "k_range",
     "size_match",
@@ -44,6 +46,25 @@ def matrix(op: str, name: str, t) -> None:
         raise ValueError(f"{_prefix(op)}{name} must be 2-D, got shape {list(t.shape)}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{_prefix(op)}{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def array(op: str, name: str, t, dims: int) -> None:
+    """``t`` is a ``dims``-D float16/bfloat16/float32/float64 tensor (:func:`matrix` for ``dims = 2``)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{_prefix(op)}{name} must be a tensor, got {type(t).__name__}")
+    if t.dim() != dims:
+        raise ValueError(f"{_prefix(op)}{name} must be {dims}-D, got shape {list(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{_prefix(op)}{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def batch_sizes(op: str, sizes, steps: int, batch: int) -> None:
+    """``sizes`` lists ``steps`` ints, non-increasing, each in ``[0, batch]`` (a PackedSequence's batch sizes)."""
+    if len(sizes) != steps:
+        raise ValueError(f"{_prefix(op)}batch_sizes must hold {steps} entries (one per step), got {len(sizes)}")
+    for t, b in enumerate(sizes):
+        if not 0 <= b <= batch or (t > 0 and b > sizes[t - 1]):
+            raise ValueError(f"{_prefix(op)}batch_sizes must be non-increasing in [0, {batch}], got {list(sizes)}")
 
 
 def like(op: str, name: str, t: torch.Tensor, like_name: str, other: torch.Tensor) -> None:

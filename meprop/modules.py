@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from . import distributed, functional
+from .lstm import LSTM
 
 __all__ = ["Linear", "convert"]
 
@@ -133,16 +134,27 @@ class Linear(nn.Linear):
         return text
 
 
-def convert(module: nn.Module, *, k, mode: str = "unified", skip_last: bool = False, **options) -> nn.Module:
+def convert(
+    module: nn.Module, *, k, mode: str = "unified", skip_last: bool = False, lstm: bool = False, **options
+) -> nn.Module:
     """Replace every ``nn.Linear`` in ``module`` (itself included) with a :class:`Linear` sharing its parameters.
 
     Only modules whose type is exactly ``nn.Linear`` are replaced (subclasses such as attention's
     ``out_proj``, whose weights their owner uses directly, are left alone). With ``skip_last`` the last
     ``nn.Linear`` in ``module.named_modules()`` order (usually the output layer) stays dense. ``options``
     (``backend``, ``sparse_grad``, ``generator``, ``sync_selection``, ``process_group``) are passed to
-    :class:`Linear`. Returns the converted module
-    (a new object only when ``module`` itself is an ``nn.Linear``).
+    :class:`Linear`. With ``lstm`` every exactly-``nn.LSTM`` module becomes a :class:`meprop.LSTM` sharing its
+    parameters (``k`` counted per gate; ``backend`` and ``generator`` passed on). Returns the converted module
+    (a new object only when ``module`` itself is an ``nn.Linear`` or, with ``lstm``, an ``nn.LSTM``).
     """
+    if lstm:
+        recurrent = {key: options[key] for key in ("backend", "generator") if key in options}
+        for name in [name for name, m in module.named_modules() if type(m) is nn.LSTM]:
+            new = LSTM.from_lstm(module.get_submodule(name), k=k, mode=mode, **recurrent)
+            if name == "":
+                return new
+            parent_name, _, child = name.rpartition(".")
+            setattr(module.get_submodule(parent_name), child, new)
     targets = [name for name, m in module.named_modules() if type(m) is nn.Linear]
     if skip_last and targets:
         targets.pop()

@@ -162,6 +162,57 @@ _BACKWARD_SIGNATURE = (
 )
 
 
+def _lstm_backward(dout, dh_n, dc_n, x, h_prev, c_prev, gates, weight_ih, weight_hh, batch_sizes, reverse, k,
+                   per_gate, per_example, idx) -> None:
+    op = "lstm_backward"
+    checks.matrix(op, "weight_ih", weight_ih)
+    checks.matrix(op, "weight_hh", weight_hh)
+    checks.like(op, "weight_hh", weight_hh, "weight_ih", weight_ih)
+    for name, t, dims in (("x", x, 3), ("dout", dout, 3), ("h_prev", h_prev, 3), ("c_prev", c_prev, 3),
+                          ("gates", gates, 3), ("dh_n", dh_n, 2), ("dc_n", dc_n, 2)):
+        checks.array(op, name, t, dims)
+        checks.like(op, name, t, "weight_ih", weight_ih)
+    steps, batch, hidden = x.shape[0], x.shape[1], weight_hh.shape[1]
+    checks.size_match(op, "weight_hh rows and 4 * hidden", weight_hh.shape[0], 4 * hidden)
+    checks.size_match(op, "weight_ih rows and weight_hh rows", weight_ih.shape[0], weight_hh.shape[0])
+    checks.size_match(op, "x features and weight_ih columns", x.shape[2], weight_ih.shape[1])
+    state = [steps, batch, hidden]
+    for name, t in (("dout", dout), ("h_prev", h_prev), ("c_prev", c_prev)):
+        checks.size_match(op, f"{name} shape and (steps, batch, hidden)", list(t.shape), state)
+    checks.size_match(op, "gates shape and (steps, batch, 4 * hidden)", list(gates.shape), [steps, batch, 4 * hidden])
+    for name, t in (("dh_n", dh_n), ("dc_n", dc_n)):
+        checks.size_match(op, f"{name} shape and (batch, hidden)", list(t.shape), [batch, hidden])
+    if batch_sizes is not None:
+        checks.batch_sizes(op, batch_sizes, steps, batch)
+    width = hidden if per_gate else 4 * hidden
+    checks.k_range(op, k, width)
+    if idx is not None:
+        checks.index(op, "idx", idx, 3 if per_example else 2, x)
+        kept = 4 * k if per_gate else k
+        want = [steps, batch, kept] if per_example else [steps, kept]
+        checks.size_match(op, "idx shape and the kept entries' shape", list(idx.shape), want)
+        checks.index_values(op, "idx", idx, 4 * hidden)
+
+
+def _lstm_shapes(dout, dh_n, dc_n, x, h_prev, c_prev, gates, weight_ih, weight_hh, *rest):
+    """(dx, dh0, dc0, dW_ih, dW_hh, db) of lstm_backward."""
+    return (x.new_empty(x.shape), x.new_empty(dh_n.shape), x.new_empty(dc_n.shape), x.new_empty(weight_ih.shape),
+            x.new_empty(weight_hh.shape), x.new_empty((weight_hh.shape[0],)))
+
+
+_LSTM_BACKWARD = OpDef(
+    "lstm_backward",
+    "(Tensor dout, Tensor dh_n, Tensor dc_n, Tensor x, Tensor h_prev, Tensor c_prev, Tensor gates, Tensor weight_ih, "
+    "Tensor weight_hh, int[]? batch_sizes, bool reverse, int k, bool per_gate, bool per_example, Tensor? idx) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _lstm_backward,
+    _lstm_shapes,
+    "meProp BPTT of one LSTM layer and direction for the whole sequence: (dx (T, B, I), dh0 (B, H), dc0 (B, H), "
+    "dW_ih (4H, I), dW_hh (4H, H), db (4H,)); at every step the gate gradient keeps its top k entries per gate "
+    "(per_gate) or of all 4H, unified or per_example, or the given idx; see meprop.lstm_reference.",
+)
+
+
 def _table(*defs: OpDef) -> dict[str, OpDef]:
     return {d.name: d for d in defs}
 
@@ -244,6 +295,7 @@ OPS: dict[str, OpDef] = _table(
         lambda rows, idx, out_features: rows.new_empty((out_features, rows.shape[1])),
         "(out_features, in) holding rows[i] at row idx[i] (distinct) and zeros elsewhere.",
     ),
+    _LSTM_BACKWARD,
 )
 
 OP_NAMES: tuple[str, ...] = tuple(OPS)

@@ -36,6 +36,7 @@ __all__ = [
     "scatter_rows",
     "linear_backward_unified",
     "linear_backward_rows",
+    "lstm_backward",
 ]
 
 
@@ -221,3 +222,7 @@ def linear_backward_rows(
         dw = linear_weight_grad_rows(vals, idx, x, weight.shape[0])
     db = dy.sum(0, dtype=accumulate_dtype(dy.dtype)).to(dy.dtype) if bias_grad else nothing
     return dx, dw, db, rows
+
+
+# The LSTM op's reference is a module of its own (a per-step loop over the functions above).
+from .lstm_reference import lstm_backward  # noqa: E402

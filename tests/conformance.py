@@ -147,7 +147,46 @@ def oracle(op: str, *args):
         return dense
     if op in ("linear_backward_unified", "linear_backward_rows"):
         return _oracle_backward(op, *args)
+    if op == "lstm_backward":
+        return _oracle_lstm(*f64)
     raise KeyError(op)
+
+
+def _oracle_lstm(dout, dh_n, dc_n, x, h_prev, c_prev, gates, w_ih, w_hh, sizes, reverse, k, per_gate, per_example, idx):
+    """lstm_backward from its formulas: BPTT in float64 with a 0/1 mask of the kept gate-gradient entries."""
+    steps, batch, _ = x.shape
+    hidden = w_hh.shape[1]
+    dh, dc = dh_n.clone(), dc_n.clone()
+    dx, dw_ih, dw_hh = torch.zeros_like(x), torch.zeros_like(w_ih), torch.zeros_like(w_hh)
+    db = torch.zeros(4 * hidden, dtype=torch.float64)
+    groups = [range(g * hidden, (g + 1) * hidden) for g in range(4)] if per_gate else [range(4 * hidden)]
+    for t in (range(steps) if reverse else range(steps - 1, -1, -1)):
+        b = batch if sizes is None else sizes[t]
+        i, f, g, o = (gates[t, :b, q * hidden : (q + 1) * hidden] for q in range(4))
+        cp = c_prev[t, :b]
+        tc = torch.tanh(f * cp + i * g)
+        dht = dh[:b] + dout[t, :b]
+        dct = dc[:b] + dht * o * (1 - tc**2)
+        da = torch.cat([dct * g * i * (1 - i), dct * cp * f * (1 - f), dct * i * (1 - g**2), dht * tc * o * (1 - o)], 1)
+        db += da.sum(0)
+        dc[:b] = dct * f
+        mask = torch.zeros_like(da)
+        unified = da.abs().sum(0).tolist()
+        for n in range(b):
+            if idx is not None:
+                for j in (idx[t, n] if per_example else idx[t]).tolist():
+                    mask[n, j] += 1  # a repeated index counts as often as it appears
+                continue
+            scores = da[n].abs().tolist() if per_example else unified
+            for cols in groups:
+                for pos in _order([scores[j] for j in cols], k):
+                    mask[n, cols[pos]] = 1
+        kept = da * mask
+        dh[:b] = kept @ w_hh
+        dx[t, :b] = kept @ w_ih
+        dw_hh += kept.T @ h_prev[t, :b]
+        dw_ih += kept.T @ x[t, :b]
+    return dx, dh, dc, dw_ih, dw_hh, db
 
 
 def _oracle_backward(op, dy, x, w, k, idx, input_grad, weight_grad, bias_grad, rows_only, reuse_grad):

@@ -84,6 +84,10 @@ def _cases(op: str, dtype, device, gen, limit):
         if op in ("linear_backward_unified", "linear_backward_rows"):
             yield from _backward_cases(op, n, out, n_in, dtype, gen, device, limit)
             continue
+        if op == "lstm_backward":
+            if n == SHAPES[1][0]:  # one LSTM shape: the step loop costs more than the other ops' cases
+                yield from _lstm_cases(dtype, gen, device)
+            continue
         dy, x, w = (
             gaussian((n, out), dtype, gen, device),
             gaussian((n, n_in), dtype, gen, device),
@@ -121,6 +125,33 @@ def _backward_cases(op, n, out, n_in, dtype, gen, device, limit):
             yield (dy, x, w, k, None, *(i == only for i in range(3)), False, False)
 
 
+def lstm_args(steps, batch, n_in, hidden, dtype, gen, device):
+    """Arguments of lstm_backward (dout, dh_n, dc_n, x, h_prev, c_prev, gates, weight_ih, weight_hh): Gaussian
+    values, the gates activated (sigmoid, tanh) as the forward saves them."""
+    g = lambda *shape: gaussian(shape, torch.float64, gen)  # noqa: E731
+    act = g(steps, batch, 4 * hidden).sigmoid()
+    act[..., 2 * hidden : 3 * hidden] = act[..., 2 * hidden : 3 * hidden] * 2 - 1
+    tensors = (g(steps, batch, hidden), g(batch, hidden), g(batch, hidden), g(steps, batch, n_in),
+               g(steps, batch, hidden), g(steps, batch, hidden), act, g(4 * hidden, n_in), g(4 * hidden, hidden))
+    return tuple(t.to(dtype).to(device) for t in tensors)
+
+
+def _lstm_cases(dtype, gen, device):
+    """Per gate and over all 4H, unified and per example, forward and reverse, packed, and given indices."""
+    steps, batch, n_in, hidden = 4, 5, 7, 6
+    tensors = lstm_args(steps, batch, n_in, hidden, dtype, gen, device)
+    packed = [5, 4, 4, 1]
+    for per_gate, per_example, reverse, sizes, k in [
+        (True, False, False, None, 2), (True, True, True, packed, 1), (True, False, True, packed, 6),
+        (True, True, False, None, 6), (False, False, True, None, 3), (False, True, False, packed, 23),
+    ]:
+        yield (*tensors, sizes, reverse, k, per_gate, per_example, None)
+    for per_example in (False, True):
+        shape = (steps, batch, 8) if per_example else (steps, 8)
+        given = torch.randint(0, 4 * hidden, shape, generator=gen).to(device)  # repeats allowed
+        yield (*tensors, [5, 3, 3, 2], True, 2, True, per_example, given)
+
+
 def _check_backward(op: str, got, args, want, dtype, device) -> None:
     names = ("dx", "dW", "db")
     asked = args[5:8]
@@ -140,6 +171,10 @@ def _check(op: str, got, args, dtype, device) -> None:
     want = oracle(op, *args)
     if op in ("linear_backward_unified", "linear_backward_rows"):
         _check_backward(op, got, args, want, dtype, device)
+        return
+    if op == "lstm_backward":
+        for g, w in zip(got, want):
+            assert_matches(g, w, dtype, device)
         return
     if op == "column_scores":
         assert_matches(got, want, accumulate_dtype(dtype), device)  # float32 sums of 16-bit inputs
@@ -368,6 +403,34 @@ def _bad_calls(device):
         ("linear_backward_rows", (dy, x, w, 3, ridx, *flags), ValueError, False),
         ("linear_backward_rows", (dy, x.double(), w, 2, None, *flags), TypeError, False),
         ("linear_backward_rows", (dy, x, w, 2, ridx + 6, *flags), IndexError, True),
+        *_bad_lstm_calls(device),
+    ]
+
+
+def _bad_lstm_calls(device):
+    """Bad arguments of lstm_backward: (op, args, exception type, whether the check reads index values)."""
+    gen = torch.Generator().manual_seed(11)
+    args = lstm_args(3, 2, 4, 5, torch.float32, gen, device)
+    ok = (None, False, 2, True, False, None)
+
+    def call(*, replace=(), tail=ok):
+        a = list(args)
+        for pos, value in replace:
+            a[pos] = value
+        return tuple(a) + tuple(tail)
+
+    i = lambda *shape, fill=0: torch.full(shape, fill, dtype=torch.long, device=device)  # noqa: E731
+    return [
+        ("lstm_backward", call(tail=(None, False, 6, True, False, None)), ValueError, False),
+        ("lstm_backward", call(tail=(None, False, 2, False, False, i(3, 3))), ValueError, False),
+        ("lstm_backward", call(replace=[(3, args[3].double())]), TypeError, False),
+        ("lstm_backward", call(replace=[(0, args[0][:, :1])]), ValueError, False),
+        ("lstm_backward", call(replace=[(8, args[8][:, :4])]), ValueError, False),
+        ("lstm_backward", call(replace=[(6, args[6][0])]), ValueError, False),
+        ("lstm_backward", call(tail=([2, 1], False, 2, True, False, None)), ValueError, False),
+        ("lstm_backward", call(tail=([1, 2, 2], False, 2, True, False, None)), ValueError, False),
+        ("lstm_backward", call(tail=(None, False, 2, True, False, i(3, 8).int())), TypeError, False),
+        ("lstm_backward", call(tail=(None, False, 2, True, False, i(3, 8, fill=20))), IndexError, True),
     ]
 
 
@@ -411,6 +474,7 @@ def test_opcheck_every_op(backend_device):
         "scatter_rows": (rows, idx, 11),
         "linear_backward_unified": (dy, x, w, 4, None, True, True, True, False, False),
         "linear_backward_rows": (dy, x, w, 3, None, True, True, True, False, False),
+        "lstm_backward": (*lstm_args(3, 2, 4, 5, torch.float32, gen, device), [2, 2, 1], True, 2, True, False, None),
     }
     assert set(args) == set(OP_NAMES)
     # torch.compile cannot trace Triton ops running in the interpreter (CPU tensors): skip that part there.

@@ -5,19 +5,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import distributed, functional
+from . import distributed, functional, selection
 
 __all__ = ["Linear", "convert"]
 
 
-class Linear(nn.Linear):
+class Linear(selection.FeedbackMixin, nn.Linear):
     """``nn.Linear`` whose backward keeps only ``k`` output-gradient entries (see :mod:`meprop.functional`).
 
     Same parameters, initialisation, forward and ``state_dict`` as ``nn.Linear``; inputs of shape
     ``(..., in_features)``.
 
     Args:
-        k: kept entries (int >= 1, or a ratio in (0, 1]); ``k >= out_features`` or None: dense backward.
+        k: kept entries (int >= 1, or a ratio in (0, 1]); ``k >= out_features`` or None: dense backward; or a
+            :class:`meprop.Adaptive` (unified mode; the ``k`` of the last backward is ``last_k``).
         mode: ``"unified"`` (default), ``"per_example"``, ``"random_unified"`` or ``"random_per_example"``.
         backend: None (automatic) or one of ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``.
         sparse_grad: the weight gradient is a sparse COO tensor of the touched rows only.
@@ -26,6 +27,8 @@ class Linear(nn.Linear):
             summed over the process group, so that DDP's averaged gradient is the single-process meProp gradient
             of the global batch (unified modes; see :mod:`meprop.distributed`). Eager mode only.
         process_group: the group sharing the selection (None: the default group); with ``sync_selection`` only.
+        error_feedback: carry the dropped columns of ``dy`` into the next step's selection and update (unified
+            mode; the memory is the ``feedback`` buffer, see :mod:`meprop.selection`).
     """
 
     def __init__(
@@ -43,8 +46,11 @@ class Linear(nn.Linear):
         generator: torch.Generator | None = None,
         sync_selection: bool = False,
         process_group=None,
+        error_feedback: bool = False,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_feedback(error_feedback, device, dtype)
+        self._mode = "unified"
         self.k = k
         self.mode = mode
         self.backend = backend
@@ -54,6 +60,8 @@ class Linear(nn.Linear):
             raise ValueError(f"{self._where}: process_group is used with sync_selection=True only")
         # The synchronised selection's state (meprop.distributed.SyncSelection), or None.
         self.selection_sync = distributed.SyncSelection(process_group, self._where) if sync_selection else None
+        if sync_selection and self._controlled:
+            raise ValueError(f"{self._where}: sync_selection does not combine with an Adaptive k or error_feedback")
 
     @property
     def _where(self) -> str:
@@ -66,8 +74,18 @@ class Linear(nn.Linear):
 
     @k.setter
     def k(self, value) -> None:
-        self._resolved = (self.out_features, functional.resolve_k(value, self.out_features, self._where))
+        self._resolved = (self.out_features, selection.resolve(value, self.out_features, self._where))
         self._k = value
+        self._check_controlled()
+
+    @property
+    def _controlled(self) -> bool:
+        """Whether the selection is the controlled one (an Adaptive k or error feedback)."""
+        return isinstance(self._k, selection.Adaptive) or self.error_feedback
+
+    def _check_controlled(self) -> None:
+        if self._controlled and self._mode != "unified":
+            raise ValueError(f"{self._where}: an Adaptive k and error_feedback need mode='unified', got {self._mode!r}")
 
     def _resolved_k(self) -> int | None:
         """``k`` as an int for the current ``out_features`` (which meSimp's pruning changes), or None."""
@@ -84,6 +102,7 @@ class Linear(nn.Linear):
     def mode(self, value: str) -> None:
         functional.check_options(value, None, self._where)
         self._mode = value
+        self._check_controlled()
 
     @property
     def backend(self) -> str | None:
@@ -106,9 +125,16 @@ class Linear(nn.Linear):
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta", **options)
         layer.weight = linear.weight
         layer.bias = linear.bias
+        if layer.error_feedback:
+            layer.feedback = torch.zeros(0, device=linear.weight.device, dtype=linear.weight.dtype)
         return layer
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self._controlled:
+            k = self._resolved_k()
+            return functional.controlled_linear(
+                input, self.weight, self.bias, k, self._backend, self.sparse_grad, self._where, self
+            )
         return functional.sparse_linear(
             input,
             self.weight,
@@ -130,6 +156,8 @@ class Linear(nn.Linear):
             text += ", sparse_grad=True"
         if self.sync_selection:
             text += ", sync_selection=True"
+        if self.error_feedback:
+            text += ", error_feedback=True"
         return text
 
 

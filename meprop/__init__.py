@@ -14,7 +14,7 @@ import warnings
 from . import backends, conv, distributed, functional, opdefs, ops, optim, reference, selection
 from .conv import Conv2d
 from .functional import MODES, linear_backward
-from .modules import Linear, convert
+from .modules import Linear, convert, converted
 from .selection import Adaptive
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "Conv2d",
     "Adaptive",
     "convert",
+    "converted",
     "conv",
     "selection",
     "functional",

@@ -1,13 +1,22 @@
-"""``meprop.Linear``, a drop-in ``nn.Linear`` with a top-k sparsified backward, and ``meprop.convert``."""
+"""``meprop.Linear``, a drop-in ``nn.Linear`` with a top-k sparsified backward, and ``meprop.convert``
+(Linear, Conv2d and Hugging Face Conv1D layers, chosen by name pattern)."""
 
 from __future__ import annotations
+
+import logging
+import numbers
+import re
+import sys
+from typing import Callable
 
 import torch
 from torch import nn
 
 from . import distributed, functional, selection
 
-__all__ = ["Linear", "convert"]
+__all__ = ["Linear", "convert", "converted"]
+
+log = logging.getLogger("meprop")
 
 
 class Linear(selection.FeedbackMixin, nn.Linear):
@@ -161,25 +170,179 @@ class Linear(selection.FeedbackMixin, nn.Linear):
         return text
 
 
-def convert(module: nn.Module, *, k, mode: str = "unified", skip_last: bool = False, **options) -> nn.Module:
-    """Replace every ``nn.Linear`` in ``module`` (itself included) with a :class:`Linear` sharing its parameters.
+class _HFConv1D(selection.FeedbackMixin):
+    """meProp's version of Hugging Face's ``Conv1D`` (GPT-2 family): ``y = x W + b`` with ``W (in, out)``.
 
-    Only modules whose type is exactly ``nn.Linear`` are replaced (subclasses such as attention's
-    ``out_proj``, whose weights their owner uses directly, are left alone). With ``skip_last`` the last
-    ``nn.Linear`` in ``module.named_modules()`` order (usually the output layer) stays dense. ``options``
-    (``backend``, ``sparse_grad``, ``generator``, ``sync_selection``, ``process_group``) are passed to
-    :class:`Linear`. Returns the converted module
-    (a new object only when ``module`` itself is an ``nn.Linear``).
+    Built by :func:`convert` as a subclass of ``transformers.pytorch_utils.Conv1D`` (same parameters, layout,
+    ``state_dict`` and ``isinstance``); the backward is :class:`Linear`'s on the view ``W^T``. Inputs
+    ``(..., in)``; options as :class:`Linear` (``k``, ``mode``, ``backend``, ``sparse_grad``, ``generator``,
+    ``error_feedback``)."""
+
+    @classmethod
+    def from_conv1d(cls, conv, *, k, mode="unified", backend=None, sparse_grad=False, generator=None,
+                    error_feedback=False):
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.nf, layer.nx = conv.nf, conv.weight.shape[0]
+        layer.weight, layer.bias = conv.weight, conv.bias
+        layer._init_feedback(error_feedback, conv.weight.device, conv.weight.dtype)
+        where = f"meprop Conv1D({layer.nx}, {layer.nf})"
+        functional.check_options(mode, backend, where)
+        layer._where, layer.mode, layer.backend = where, mode, backend
+        layer.sparse_grad, layer.generator, layer.k = sparse_grad, generator, k
+        layer._resolved = selection.resolve(k, layer.nf, where)
+        if (isinstance(k, selection.Adaptive) or error_feedback) and mode != "unified":
+            raise ValueError(f"{where}: an Adaptive k and error_feedback need mode='unified', got {mode!r}")
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.t()
+        if isinstance(self._resolved, selection.Adaptive) or self.error_feedback:
+            return functional.controlled_linear(
+                x, weight, self.bias, self._resolved, self.backend, self.sparse_grad, self._where, self
+            )
+        return functional.sparse_linear(
+            x, weight, self.bias, self._resolved, self.mode, self.backend, self.sparse_grad, self.generator,
+            self._where,
+        )
+
+    def extra_repr(self) -> str:
+        return f"nf={self.nf}, nx={self.nx}, k={self.k}, mode={self.mode!r}"
+
+
+_HF_CONV1D: dict[type, type] = {}
+
+
+def _hf_conv1d(base: type) -> type:
+    """The meProp subclass of Hugging Face's ``Conv1D`` class ``base`` (made once)."""
+    if base not in _HF_CONV1D:
+        _HF_CONV1D[base] = type("Conv1D", (_HFConv1D, base), {"__module__": __name__, "__doc__": _HFConv1D.__doc__})
+    return _HF_CONV1D[base]
+
+
+def _converters() -> dict[type, tuple[str, Callable]]:
+    """Module type (exact) -> (its name in messages, a factory ``(module, **options) -> meProp module``).
+
+    One more module type is one more entry here."""
+    from .conv import Conv2d
+
+    table = {nn.Linear: ("Linear", Linear.from_linear), nn.Conv2d: ("Conv2d", Conv2d.from_conv)}
+    hf = sys.modules.get("transformers.pytorch_utils")  # only when transformers is in use (never imported here)
+    if hf is not None and hasattr(hf, "Conv1D"):
+        table[hf.Conv1D] = ("Conv1D", lambda m, **o: _hf_conv1d(hf.Conv1D).from_conv1d(m, **o))
+    return table
+
+
+# The options each converted type takes (besides k and mode); others are refused with the layer's name.
+_OPTIONS = {
+    "Linear": {"backend", "sparse_grad", "generator", "sync_selection", "process_group", "error_feedback"},
+    "Conv2d": {"backend", "generator", "error_feedback"},
+    "Conv1D": {"backend", "sparse_grad", "generator", "error_feedback"},
+}
+
+
+def _matcher(patterns, argument: str):
+    """PEFT-style patterns: a str is a regular expression the full module name must match; a list of str
+    matches a name equal to an entry or ending with ``"." + entry``. Returns ``(match(name), entries)``."""
+    if isinstance(patterns, str):
+        regex = re.compile(patterns)
+        return (lambda name: regex.fullmatch(name) is not None), [patterns]
+    if not isinstance(patterns, (list, tuple, set)) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"meprop.convert: {argument} must be a str (regular expression) or a list of str")
+    entries = list(patterns)
+    return (lambda name: any(name == p or name.endswith("." + p) for p in entries)), entries
+
+
+def _check_patterns(names, patterns, argument: str) -> None:
+    if patterns is None:
+        return
+    match, entries = _matcher(patterns, argument)
+    for entry in entries:
+        if not any(_matcher(entry if isinstance(patterns, str) else [entry], argument)[0](n) for n in names):
+            sample = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            raise ValueError(
+                f"meprop.convert: {argument} entry {entry!r} matches no convertible module (convertible: {sample})"
+            )
+
+
+def convert(
+    module: nn.Module,
+    *,
+    k,
+    mode: str = "unified",
+    skip_last: bool = False,
+    target_modules=None,
+    exclude_modules=None,
+    **options,
+) -> nn.Module:
+    """Replace the ``nn.Linear``, ``nn.Conv2d`` and Hugging Face ``Conv1D`` layers of ``module`` (itself included)
+    with meProp layers sharing their parameters (:class:`Linear`, :class:`meprop.Conv2d`, a ``Conv1D`` subclass).
+
+    Only modules of exactly those types are replaced (subclasses such as attention's ``out_proj``, whose
+    weights their owner uses directly, are left alone). ``target_modules`` / ``exclude_modules`` choose by
+    name as PEFT does: a str is a regular expression the full name must match, a list of str matches names
+    equal to an entry or ending with ``"." + entry``; an entry that matches no convertible module is a
+    ValueError. With ``skip_last`` the last candidate in ``module.named_modules()`` order (usually the output
+    layer) stays dense. ``k`` (int, ratio or :class:`meprop.Adaptive`) and ``mode`` apply to every layer; an int
+    ``k`` not smaller than a layer's width leaves it dense, except for layers chosen by ``target_modules``
+    (then a ValueError). ``options`` are passed to the layers (``backend``, ``generator``, ``error_feedback``;
+    Linear / Conv1D also ``sparse_grad``; Linear also ``sync_selection``, ``process_group``); an option a chosen
+    layer does not take is a ValueError. Each replacement is logged (logger ``"meprop"``, INFO);
+    :func:`converted` lists them. Returns the converted module (a new object only when ``module`` itself is
+    replaced).
+
+    Hugging Face round trip: the meProp layers keep the ``state_dict`` keys, so ``save_pretrained`` writes an
+    ordinary checkpoint; ``from_pretrained`` gives back plain layers, and one line converts again:
+    ``model = meprop.convert(AutoModel.from_pretrained(path), k=..., target_modules=[...])``.
     """
-    targets = [name for name, m in module.named_modules() if type(m) is nn.Linear]
+    table = _converters()
+    candidates = [(name, m) for name, m in module.named_modules() if type(m) in table]
+    names = [name for name, _ in candidates]
+    _check_patterns(names, target_modules, "target_modules")
+    _check_patterns(names, exclude_modules, "exclude_modules")
+    chosen = _matcher(target_modules, "target_modules")[0] if target_modules is not None else None
+    excluded = _matcher(exclude_modules, "exclude_modules")[0] if exclude_modules is not None else (lambda n: False)
+    targets = [(name, m) for name, m in candidates if (chosen is None or chosen(name)) and not excluded(name)]
     if skip_last and targets:
         targets.pop()
-    for name in targets:
-        old = module.get_submodule(name)
-        new = Linear.from_linear(old, k=k, mode=mode, **options)
+    for name, old in targets:
+        kind, factory = table[type(old)]
+        where = f"meprop.convert: {kind} {name or '(the module itself)'}"
+        unknown = sorted(set(options) - _OPTIONS[kind])
+        if unknown:
+            raise ValueError(f"{where}: option(s) {unknown} do not apply to {kind} layers (exclude_modules skips it)")
+        width = old.weight.shape[1] if kind == "Conv1D" else old.weight.shape[0]
+        if isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= width:
+            if chosen is not None:
+                raise ValueError(f"{where}: k={k} is not smaller than its {width} outputs")
+            log.info("%s: k=%s >= its %d outputs, left dense", where, k, width)
+            continue
+        if kind == "Conv2d" and old.groups != 1:
+            if chosen is not None:
+                raise ValueError(f"{where}: groups={old.groups} is not supported by meprop.Conv2d (groups=1 only)")
+            log.info("%s: groups=%d, left dense", where, old.groups)
+            continue
+        try:
+            new = factory(old, k=k, mode=mode, **options)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
         new.train(old.training)
+        log.info("%s -> meProp (k=%s, mode=%s)", where, k, mode)
         if name == "":
             return new
         parent_name, _, child = name.rpartition(".")
         setattr(module.get_submodule(parent_name), child, new)
     return module
+
+
+def converted(module: nn.Module) -> dict[str, str]:
+    """The meProp layers in ``module``: ``{name: "Linear" | "Conv2d" | "Conv1D" | ...}`` in module order."""
+    from .conv import Conv2d
+
+    kinds = ((Linear, "Linear"), (Conv2d, "Conv2d"), (_HFConv1D, "Conv1D"))
+    out = {}
+    for name, m in module.named_modules():
+        kind = next((label for cls, label in kinds if isinstance(m, cls)), None)
+        if kind is not None:
+            out[name] = kind
+    return out

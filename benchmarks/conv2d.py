@@ -80,7 +80,8 @@ def main(argv=None):
     rows = {}
     for name, t in timings.items():
         rows[name] = {**t.as_dict(), **({} if name == "dense" else compare(base, t))}
-        ratio = "" if name == "dense" else f"  {rows[name]['ratio']:.2f}x [{rows[name]['ratio_min']:.2f}, {rows[name]['ratio_max']:.2f}]"
+        r = rows[name]
+        ratio = "" if name == "dense" else f"  {r['ratio']:.2f}x [{r['ratio_min']:.2f}, {r['ratio_max']:.2f}]"
         print(f"{name:28s} {t.median * 1e3:8.2f} ms (IQR {t.iqr * 1e3:.2f}){ratio}")
     result = {
         "machine": machine,

@@ -10,8 +10,8 @@ Experiments (each writes ``benchmarks/results/real_models-<name>[-<tag>].json``;
 - ``hf``: a BERT-style classifier and a GPT-2-style language model built from Hugging Face configs (random
   init, no hub download), trained ``--steps`` steps on the local text with a word-level vocabulary; loss curves.
 
-Denormals are flushed (``torch.set_flush_denormal``). Each run records the backward time (``loss.backward()``) and the whole step time per step (medians), and for
-adaptive k the mean ``last_k`` per layer. Variants: ``dense``, ``k`` (fixed ratio ``--ratio``), ``adaptive``
+Denormals are flushed (``torch.set_flush_denormal``). Each run records the backward time (``loss.backward()``)
+and the whole step time per step (medians), and for adaptive k the mean ``last_k`` per layer. Variants: ``dense``, ``k`` (fixed ratio ``--ratio``), ``adaptive``
 (``meprop.Adaptive(--mass, max_k=--max-ratio)``), ``feedback`` (fixed k with error feedback).
 
     python benchmarks/real_models.py mnist --seeds 0,1,2 --epochs 1 --train 20000
@@ -345,7 +345,8 @@ def plot(args):
             ax.legend()
         else:
             fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-            lines += ["| variant | model | final loss (mean of last 20) | backward ms | step ms |", "|---|---|---|---|---|"]
+            lines += ["| variant | model | final loss (mean of last 20) | backward ms | step ms |",
+                      "|---|---|---|---|---|"]
             for r in data["runs"]:
                 for ax, (kind, curve) in zip(axes, r["curves"].items()):
                     smooth = [statistics.mean(curve[max(0, i - 9) : i + 1]) for i in range(len(curve))]

@@ -136,7 +136,8 @@ class _SparseConv2d(torch.autograd.Function):
             kept = selection.select(channel_scores(dy), ctx.k, "meprop.Conv2d")
         if owner is not None:
             owner.last_k = kept.numel()
-        with torch.autocast(dy.device.type, enabled=False) if functional._autocast_on(dy.device.type) else contextlib.nullcontext():
+        off = functional._autocast_on(dy.device.type)
+        with torch.autocast(dy.device.type, enabled=False) if off else contextlib.nullcontext():
             dx, dw = conv2d_backward(
                 dy, input, weight, kept, *ctx.conv, backend=ctx.backend, input_grad=need_dx, weight_grad=need_dw
             )

@@ -238,7 +238,8 @@ class _ControlledLinear(torch.autograd.Function):
         kept = selection.select(backend.column_scores(chosen), ctx.k, ctx.where)
         if owner is not None:
             owner.last_k = kept.numel()
-        with torch.autocast(dy.device.type, enabled=False) if _autocast_on(dy.device.type) else contextlib.nullcontext():
+        off = _autocast_on(dy.device.type)
+        with torch.autocast(dy.device.type, enabled=False) if off else contextlib.nullcontext():
             if kept.numel() >= out:  # the whole layer kept: the dense products
                 dx = (chosen @ weight).reshape(input.shape) if need_dx else None
                 dw = (chosen.t() @ x) if need_dw else None

@@ -280,7 +280,7 @@ def run(args):
             brief = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in result.items()
                      if k in ("accuracy", "backward_ms", "step_ms", "seconds")}
             print(args.experiment, variant, seed, brief, flush=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("func", "out")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("func", "out_dir")}
     out = {
         "experiment": args.experiment,
         "machine": describe_machine(torch.device("cpu")),
@@ -289,7 +289,7 @@ def run(args):
         "runs": runs,
     }
     tag = f"-{args.tag}" if args.tag else ""
-    path = RESULTS / f"real_models-{args.experiment}{tag}.json"
+    path = args.out_dir / f"real_models-{args.experiment}{tag}.json"
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {path}")
 
@@ -384,6 +384,7 @@ def main(argv=None):
         p.add_argument("--steps", type=int, default=300, help="hf: training steps")
         p.add_argument("--threads", type=int, default=2)
         p.add_argument("--tag", default="")
+        p.add_argument("--out-dir", type=Path, default=RESULTS)
         p.set_defaults(func=run)
     p = sub.add_parser("plot")
     p.set_defaults(func=plot)

@@ -30,7 +30,10 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from . import backends, distributed, reference
+from torch.autograd.function import once_differentiable
+
+from . import backends, distributed, reference, selection
+from .opdefs import accumulate_dtype
 
 __all__ = ["MODES", "linear", "linear_backward", "resolve_k"]
 
@@ -107,6 +110,7 @@ def linear_backward(
     generator: torch.Generator | None = None,
     sync: distributed.SyncSelection | None = None,
     reuse_grad: bool = False,
+    idx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """meProp's backward of ``y = input W^T + b`` for ``grad_output`` of shape ``(..., out)``, in one op call.
 
@@ -118,6 +122,7 @@ def linear_backward(
     holds it any more and it was not written since (its version counter); only its previously written rows are
     cleared instead of all of it. Writes that bypass the version counter (through ``.data``, a raw pointer or
     NumPy) are not seen: ``MEPROP_REUSE_GRAD=0`` in the environment turns reuse off.
+    ``idx (k,)``: unified modes only, the kept columns chosen by the caller (e.g. :func:`meprop.selection.select`).
     """
     if not isinstance(backend, backends.Backend):
         backend = backends.resolve(backend, weight.device, weight.dtype, k)
@@ -127,7 +132,9 @@ def linear_backward(
         dy = dy.to(weight.dtype)
     x = input if flat else input.reshape(dy.shape[0], weight.shape[1])  # (not -1: in_features may be 0)
     if mode == "unified" or mode == "random_unified":
-        if sync is not None:  # data parallel: one selection for every rank of the group (meprop.distributed)
+        if idx is not None:
+            pass
+        elif sync is not None:  # data parallel: one selection for every rank of the group (meprop.distributed)
             idx = sync.select(dy, k, mode, backend, generator)
         else:
             idx = None if mode == "unified" else reference.random_unified(dy, k, generator)
@@ -202,6 +209,71 @@ class _SparseLinearTransformable(_SparseLinear):
     @staticmethod
     def setup_context(ctx, inputs, output):
         _SparseLinear._save(ctx, *inputs)
+
+
+class _ControlledLinear(torch.autograd.Function):
+    """Dense forward; a unified backward whose columns ``owner``'s selection chooses (an adaptive ``k``, error
+    feedback: :mod:`meprop.selection`). ``owner`` is the layer (``last_k``, ``feedback``) or None."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, k, backend, sparse_grad, owner, where):
+        ctx.save_for_backward(input, weight)
+        ctx.k, ctx.backend, ctx.sparse_grad, ctx.owner, ctx.where = k, backend, sparse_grad, owner, where
+        ctx.has_bias = bias is not None
+        return F.linear(input, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        owner, out = ctx.owner, weight.shape[0]
+        dy = grad_output.reshape(-1, out)
+        if dy.dtype != weight.dtype:
+            dy = dy.to(weight.dtype)
+        x = input.reshape(dy.shape[0], weight.shape[1])
+        feedback = owner is not None and owner.error_feedback
+        chosen = owner._take_feedback(dy) if feedback else dy
+        backend = backends.loaded(ctx.backend)
+        kept = selection.select(backend.column_scores(chosen), ctx.k, ctx.where)
+        if owner is not None:
+            owner.last_k = kept.numel()
+        off = _autocast_on(dy.device.type)
+        with torch.autocast(dy.device.type, enabled=False) if off else contextlib.nullcontext():
+            if kept.numel() >= out:  # the whole layer kept: the dense products
+                dx = (chosen @ weight).reshape(input.shape) if need_dx else None
+                dw = (chosen.t() @ x) if need_dw else None
+                if dw is not None and ctx.sparse_grad:
+                    dw = dw.to_sparse()
+            else:
+                dx, dw, _ = linear_backward(
+                    chosen, x, weight, k=kept.numel(), backend=backend, input_grad=need_dx,
+                    weight_grad=need_dw, bias_grad=False, sparse_grad=ctx.sparse_grad, idx=kept,
+                )
+                dx = dx.reshape(input.shape) if need_dx else None
+        db = dy.sum(0, dtype=accumulate_dtype(dy.dtype)).to(dy.dtype) if need_db and ctx.has_bias else None
+        if feedback:
+            owner._store_feedback(chosen, kept, 1)
+        return dx, dw, db, None, None, None, None, None
+
+
+def controlled_linear(input, weight, bias, k, backend, sparse_grad: bool, where: str, owner=None):
+    """The path of ``meprop.Linear`` with an :class:`~meprop.Adaptive` ``k`` or error feedback (unified mode):
+    ``k`` resolved by :func:`meprop.selection.resolve`, ``owner`` the layer keeping ``last_k`` / ``feedback``."""
+    input, weight, bias = _autocast(input, weight, bias)
+    needs_grad = torch.is_grad_enabled() and (
+        input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    if k is None or not needs_grad:
+        return F.linear(input, weight, bias)
+    _check_tensors(input, weight, bias, where)
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        raise RuntimeError(f"{where}: an Adaptive k and error feedback work in eager mode only")
+    largest = k.bounds(weight.shape[0], where)[1] if isinstance(k, selection.Adaptive) else k
+    name = backends.resolve(backend, weight.device, weight.dtype, min(largest, weight.shape[0] - 1)).name
+    if sparse_grad:
+        distributed.refuse_sparse_grad_under_ddp(weight, where)
+    return _ControlledLinear.apply(input, weight, bias, k, name, sparse_grad, owner, where)
 
 
 def _autocast_on(device_type: str) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +65,23 @@ def test_speed_step_view_writes_json(tmp_path):
     assert [r["config"] for r in rows] == ["dense, Adam", "unified k=30, Adam", "per_example k=30, Adam",
                                            "unified k=30, sparse step"]
     assert rows[0]["step_speedup"] == 1.0 and all(r["step_ms"] > r["forward+backward_ms"] * 0.5 for r in rows)
+
+
+def test_conv2d_benchmark_writes_json(tmp_path):
+    out = tmp_path / "conv.json"
+    _run("conv2d.py", "--batch", "2", "--channels", "8", "--size", "6", "--ks", "2", "--rounds", "1",
+         "--min-run-time", "0.01", "--out", str(out))
+    cases = json.loads(out.read_text())["cases"]
+    assert {"dense", "masking k=2", "meprop k=2", "meprop adaptive(mass=0.5)"} <= set(cases)
+    assert cases["meprop k=2"]["ratio"] > 0
+
+
+def test_real_models_text_run_writes_json(tmp_path):
+    data = Path(os.environ.get("MEPROP_DATA", ROOT.parent / "shared" / "data"))
+    if not (data / "text" / "rotten_tomatoes" / "train.tsv").exists():
+        pytest.skip(f"no rotten_tomatoes under {data} (set MEPROP_DATA)")
+    _run("real_models.py", "text", "--seeds", "0", "--variants", "dense,adaptive,feedback", "--train", "64",
+         "--length", "12", "--vocab", "200", "--out-dir", str(tmp_path))
+    runs = json.loads((tmp_path / "real_models-text.json").read_text())["runs"]
+    assert [r["variant"] for r in runs] == ["dense", "adaptive", "feedback"]
+    assert runs[1]["mean_k"] and all(0 <= r["accuracy"] <= 100 for r in runs)

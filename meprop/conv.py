@@ -1,0 +1,334 @@
+"""``meprop.Conv2d``: a drop-in ``nn.Conv2d`` whose backward keeps only ``k`` output channels.
+
+Unified selection (design notes, section 8): for the output gradient ``dy (N, C_out, H, W)`` the channel score
+is ``s_c = sum_{n,h,w} |dy[n, c, h, w]|``; the ``k`` channels ``S`` with the largest scores are kept (ties by
+lower index). ``dx`` is the input gradient of the convolution by ``W[S]`` of ``dy[:, S]``, ``dW[S]`` its weight
+gradient, the other rows of ``dW`` are zero, ``db = sum_{n,h,w} dy`` is dense. The work is that of a
+convolution with ``k`` output channels, not a dense product with a mask:
+
+- ``backend=None``, ``"cpu"`` or ``"cuda"``: ATen's convolution kernels on the compacted operands
+  ``dy[:, S]`` (``(N, k, H, W)``) and ``W[S]`` (``(k, C_in, kh, kw)``): ``dx`` is the transposed convolution
+  of ``dy[:, S]`` by ``W[S]``, ``dW[S]`` ``convolution_backward``'s weight gradient, both in the channels-last
+  layout (oneDNN / cuDNN kernels for a ``k``-channel convolution; no meprop C++ op is added: the existing
+  convolution kernels do the compacted products).
+- ``backend="reference"``: the same products written over the im2col view, in pure PyTorch: ``cols =
+  unfold(x)`` ``(N, C_in kh kw, L)``, ``dW[S] = dy[:, S] cols^T``, ``dx = fold(W[S]^T dy[:, S])``.
+
+``mode="random_unified"`` draws ``S`` uniformly (the random-k baseline). Per-example selection (a channel set
+per example) is not provided: it splits the batch into ``N`` convolutions with different weight subsets, each
+of ``k`` channels, whose kernels run far below the rate of one batched convolution, so it is slower than the
+dense backward on this CPU (see the README). ``k`` may be a :class:`meprop.Adaptive`, and ``error_feedback``
+carries the dropped channels of ``dy`` into the next step (:mod:`meprop.selection`). Only ``groups=1``.
+Second derivatives through the sparse backward are not supported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from . import functional, selection
+from .opdefs import accumulate_dtype
+
+__all__ = ["Conv2d", "conv2d", "conv2d_backward"]
+
+CONV_MODES = ("unified", "random_unified")
+CONV_BACKENDS = ("reference", "cpu", "cuda")
+
+
+def _compacted_aten(dy, x, w, stride, padding, dilation, need_dx, need_dw):
+    # oneDNN runs these k-channel convolutions several times faster in the channels-last layout than in NCHW
+    # (measured: batch 64, 64 channels, 32x32, k=8), so the operands are converted and dx converted back.
+    layout = torch.channels_last
+    dy, xl = dy.contiguous(memory_format=layout), x.contiguous(memory_format=layout)
+    dx = dw = None
+    if need_dx:  # the transposed convolution of dy[:, S] by W[S]
+        grown = [
+            (o - 1) * s - 2 * p + d * (kk - 1) + 1
+            for o, s, p, d, kk in zip(dy.shape[2:], stride, padding, dilation, w.shape[2:])
+        ]
+        extra = [i - g for i, g in zip(x.shape[2:], grown)]
+        dx = F.conv_transpose2d(dy, w, None, stride, padding, extra, 1, dilation)
+        dx = dx.contiguous(memory_format=layout if x.is_contiguous(memory_format=layout) else torch.contiguous_format)
+    if need_dw:
+        _, dw, _ = torch.ops.aten.convolution_backward(
+            dy, xl, w, None, stride, padding, dilation, False, [0, 0], 1, [False, True, False]
+        )
+    return dx, dw
+
+
+def _compacted_unfold(dy, x, w, stride, padding, dilation, need_dx, need_dw):
+    acc = accumulate_dtype(dy.dtype)
+    n, k = dy.shape[:2]
+    kernel = w.shape[2:]
+    g = dy.reshape(n, k, -1).to(acc)  # (N, k, L)
+    dx = dw = None
+    if need_dw:
+        cols = F.unfold(x.to(acc), kernel, dilation, padding, stride)  # (N, C_in kh kw, L)
+        dw = torch.einsum("nkl,ncl->kc", g, cols).reshape(w.shape).to(dy.dtype)
+    if need_dx:
+        dcols = torch.einsum("kc,nkl->ncl", w.reshape(k, -1).to(acc), g)
+        dx = F.fold(dcols, x.shape[2:], kernel, dilation, padding, stride).to(dy.dtype)
+    return dx, dw
+
+
+def conv2d_backward(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    kept: torch.Tensor,
+    stride=(1, 1),
+    padding=(0, 0),
+    dilation=(1, 1),
+    *,
+    backend: str | None = None,
+    input_grad: bool = True,
+    weight_grad: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The convolution gradients of ``grad_output (N, C_out, H, W)`` restricted to the channels ``kept (k,)``.
+
+    Returns ``(dx, dW)``: ``dx`` shaped like ``input (N, C_in, H_in, W_in)``, ``dW (C_out, C_in, kh, kw)`` with
+    only the ``kept`` rows non-zero (None where not asked for). ``backend``: None / ``"cpu"`` / ``"cuda"`` (ATen's
+    convolution kernels on the compacted operands) or ``"reference"`` (the im2col products).
+    """
+    kept = kept.sort().values
+    dy = grad_output.index_select(1, kept)
+    w = weight.index_select(0, kept)
+    fn = _compacted_unfold if backend == "reference" else _compacted_aten
+    dx, dw_kept = fn(dy, input, w, list(stride), list(padding), list(dilation), input_grad, weight_grad)
+    dw = None
+    if weight_grad:
+        dw = weight.new_zeros(weight.shape).index_copy_(0, kept, dw_kept.to(weight.dtype))
+    return (dx if input_grad else None), dw
+
+
+def channel_scores(dy: torch.Tensor) -> torch.Tensor:
+    """``s_c = sum_{n,h,w} |dy[n, c, h, w]|`` of ``dy (N, C, H, W)``, shape ``(C,)``, in the accumulation dtype."""
+    d = dy.detach()
+    d = d.reshape(d.shape[0], d.shape[1], -1)  # (N, C, HW): reductions over the contiguous last axis first
+    return d.abs().sum(-1, dtype=accumulate_dtype(dy.dtype)).sum(0)
+
+
+class _SparseConv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, weight, bias, k, mode, backend, stride, padding, dilation, generator, owner):
+        ctx.save_for_backward(input, weight)
+        ctx.k, ctx.mode, ctx.backend, ctx.generator, ctx.owner = k, mode, backend, generator, owner
+        ctx.conv = (stride, padding, dilation)
+        ctx.has_bias = bias is not None
+        return F.conv2d(input, weight, bias, stride, padding, dilation)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        owner = ctx.owner
+        feedback = owner is not None and owner.error_feedback
+        dy = owner._take_feedback(grad_output) if feedback else grad_output
+        if ctx.mode == "random_unified":
+            kept = torch.randperm(dy.shape[1], generator=ctx.generator, device=dy.device)[: ctx.k]
+        else:
+            kept = selection.select(channel_scores(dy), ctx.k, "meprop.Conv2d")
+        if owner is not None:
+            owner.last_k = kept.numel()
+        off = functional._autocast_on(dy.device.type)
+        with torch.autocast(dy.device.type, enabled=False) if off else contextlib.nullcontext():
+            dx, dw = conv2d_backward(
+                dy, input, weight, kept, *ctx.conv, backend=ctx.backend, input_grad=need_dx, weight_grad=need_dw
+            )
+        g = grad_output.reshape(grad_output.shape[0], grad_output.shape[1], -1)
+        db = g.sum(-1, dtype=accumulate_dtype(g.dtype)).sum(0).to(g.dtype)
+        if feedback:
+            owner._store_feedback(dy, kept, 1)
+        return dx, dw, db if need_db and ctx.has_bias else None, *([None] * 8)
+
+
+def _check_options(mode, backend, k, where) -> None:
+    if mode not in CONV_MODES:
+        raise ValueError(
+            f"{where}: mode must be one of {CONV_MODES}, got {mode!r} (per-example selection is not provided "
+            "for convolutions: it is slower than the dense backward, see meprop.conv)"
+        )
+    if backend is not None and backend not in CONV_BACKENDS:
+        raise ValueError(f"{where}: backend must be None or one of {CONV_BACKENDS}, got {backend!r}")
+    if mode == "random_unified" and isinstance(k, selection.Adaptive):
+        raise ValueError(f"{where}: an Adaptive k needs mode='unified' (random selections have no scores)")
+
+
+def conv2d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    *,
+    k,
+    mode: str = "unified",
+    backend: str | None = None,
+    generator: torch.Generator | None = None,
+    _owner=None,
+) -> torch.Tensor:
+    """``torch.nn.functional.conv2d`` (``groups=1``, int padding) whose backward keeps ``k`` output channels.
+
+    Args:
+        input: ``(N, C_in, H, W)``; weight: ``(C_out, C_in, kh, kw)``; bias: ``(C_out,)`` or None.
+        stride, padding, dilation: ints or pairs, as for ``F.conv2d``.
+        k: kept channels (int >= 1, a ratio in (0, 1] or a :class:`meprop.Adaptive`); ``k >= C_out`` or None:
+            the dense backward.
+        mode: ``"unified"`` or ``"random_unified"``; backend: None, ``"cpu"``, ``"cuda"`` or ``"reference"``.
+
+    Returns:
+        ``(N, C_out, H_out, W_out)``, equal to ``F.conv2d(input, weight, bias, stride, padding, dilation)``.
+    """
+    where = "meprop.conv2d" if _owner is None else _owner._where
+    pair = torch.nn.modules.utils._pair
+    stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
+    if _owner is None:
+        _check_options(mode, backend, k, where)
+        k = selection.resolve(k, weight.shape[0], where)
+    needs_grad = torch.is_grad_enabled() and (
+        input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    if k is None or not needs_grad:
+        return F.conv2d(input, weight, bias, stride, padding, dilation)
+    if input.dim() != 4 or weight.dim() != 4 or input.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"{where}: expected input (N, C_in, H, W) and weight (C_out, C_in, kh, kw), got "
+            f"{tuple(input.shape)} and {tuple(weight.shape)} (groups=1 only)"
+        )
+    return _SparseConv2d.apply(input, weight, bias, k, mode, backend, stride, padding, dilation, generator, _owner)
+
+
+class Conv2d(selection.FeedbackMixin, nn.Conv2d):
+    """``nn.Conv2d`` (``groups=1``) whose backward keeps only ``k`` output channels (see :mod:`meprop.conv`).
+
+    Same parameters, initialisation, forward and ``state_dict`` as ``nn.Conv2d`` (plus the ``feedback`` buffer
+    with ``error_feedback``); inputs ``(N, C_in, H, W)`` or ``(C_in, H, W)``.
+
+    Args:
+        k: kept channels: int >= 1, a ratio in (0, 1], a :class:`meprop.Adaptive`; ``k >= out_channels`` or
+            None: dense backward. The ``k`` of the last backward is ``last_k``.
+        mode: ``"unified"`` (default) or ``"random_unified"``.
+        backend: None (automatic), ``"cpu"``, ``"cuda"`` or ``"reference"``.
+        error_feedback: carry the dropped channels of ``dy`` into the next step (:mod:`meprop.selection`).
+        generator: random source of ``"random_unified"``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        k,
+        mode: str = "unified",
+        backend: str | None = None,
+        error_feedback: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if groups != 1:
+            raise ValueError(
+                f"meprop.Conv2d({in_channels}, {out_channels}): groups={groups} is not supported (groups=1 only); "
+                "leave grouped / depthwise convolutions dense (convert's exclude_modules)"
+            )
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
+        )
+        self._init_feedback(error_feedback, device, dtype)
+        self.generator = generator
+        _check_options(mode, backend, k, self._where)
+        self.mode, self.backend = mode, backend
+        self.k = k
+
+    @property
+    def _where(self) -> str:
+        return f"meprop.Conv2d({self.in_channels}, {self.out_channels})"
+
+    @property
+    def k(self):
+        """Kept channels as given (int, ratio, Adaptive or None); checked when set."""
+        return self._k
+
+    @k.setter
+    def k(self, value) -> None:
+        self._resolved = selection.resolve(value, self.out_channels, self._where)
+        _check_options(self.mode, self.backend, value, self._where)
+        self._k = value
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, **options) -> Conv2d:
+        """A meprop.Conv2d sharing ``conv``'s parameter objects (so existing optimizers keep working)."""
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+            device="meta",
+            **options,
+        )
+        layer.weight, layer.bias = conv.weight, conv.bias
+        if layer.error_feedback:
+            layer.feedback = torch.zeros(0, device=conv.weight.device, dtype=conv.weight.dtype)
+        return layer
+
+    def _geometry(self):
+        """The input padding to apply explicitly (or None) and the padding passed to the convolution."""
+        if self.padding_mode != "zeros":
+            return self._reversed_padding_repeated_twice, (0, 0)
+        if isinstance(self.padding, str):
+            pads = self._reversed_padding_repeated_twice  # (left, right, top, bottom)
+            if pads[0] == pads[1] and pads[2] == pads[3]:
+                return None, (pads[2], pads[0])
+            return pads, (0, 0)
+        return None, self.padding
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        input, weight, bias = functional._autocast(input, self.weight, self.bias)
+        unbatched = input.dim() == 3
+        if unbatched:
+            input = input.unsqueeze(0)
+        pads, padding = self._geometry()
+        if pads is not None:
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            input = F.pad(input, pads, mode=mode)
+        out = conv2d(
+            input,
+            weight,
+            bias,
+            self.stride,
+            padding,
+            self.dilation,
+            k=self._resolved,
+            mode=self.mode,
+            backend=self.backend,
+            generator=self.generator,
+            _owner=self,
+        )
+        return out.squeeze(0) if unbatched else out
+
+    def extra_repr(self) -> str:
+        text = f"{super().extra_repr()}, k={self.k}, mode={self.mode!r}"
+        if self.backend is not None:
+            text += f", backend={self.backend!r}"
+        if self.error_feedback:
+            text += ", error_feedback=True"
+        return text

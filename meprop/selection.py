@@ -1,0 +1,137 @@
+"""Controlled selections: adaptive ``k`` and error feedback for meprop's layers (unified modes).
+
+- :class:`Adaptive` (``k=meprop.Adaptive(mass=0.9, max_k=64)``): per layer and step, the smallest ``k`` whose
+  kept columns hold at least ``mass`` of the total score ``sum_j s_j`` (``s_j = sum_n |dy[n, j]|``; for a
+  convolution the channel score ``sum_{n,h,w} |dy[n, c, h, w]|``), between ``min_k`` and ``max_k``. The layer
+  records the ``k`` it used in ``last_k`` (an int; None before the first backward).
+- Error feedback (``error_feedback=True`` on a layer, memorized sparse backprop): the dropped part of ``dy``
+  (the unselected columns / channels) is kept in the layer's ``feedback`` buffer and added to the next step's
+  ``dy`` before the selection, so it enters both the next selection and the next update. The memory has
+  ``dy``'s shape; when the next ``dy`` has another shape (a smaller last batch, another sequence length) the
+  memory is dropped and starts again. It is a persistent buffer, so it is saved in ``state_dict`` (loading
+  accepts any stored shape, and a state dict without it, e.g. that of a plain ``nn.Linear``, resets it).
+
+The selection order is the reference's (larger score first, ties by lower index). Choosing an adaptive ``k``
+reads one number back from the device (a synchronisation on CUDA).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+__all__ = ["Adaptive", "FeedbackMixin", "resolve", "select"]
+
+
+class Adaptive:
+    """An adaptive ``k``: the smallest number of kept columns holding ``mass`` of the selection scores.
+
+    Args:
+        mass: target share of the total score, ``0 < mass <= 1``.
+        max_k: the largest ``k`` (int >= 1 or a ratio in (0, 1] of the layer's width); None: the width.
+        min_k: the smallest ``k`` (int >= 1).
+    """
+
+    def __init__(self, mass: float = 0.9, max_k=None, min_k: int = 1) -> None:
+        if isinstance(mass, bool) or not isinstance(mass, numbers.Real) or not 0.0 < float(mass) <= 1.0:
+            raise ValueError(f"meprop.Adaptive: mass must be a number in (0, 1], got {mass!r}")
+        if isinstance(min_k, bool) or not isinstance(min_k, numbers.Integral) or min_k < 1:
+            raise ValueError(f"meprop.Adaptive: min_k must be an int >= 1, got {min_k!r}")
+        _width_of(max_k, 1 << 62, "meprop.Adaptive: max_k")
+        if isinstance(max_k, numbers.Integral) and max_k < min_k:
+            raise ValueError(f"meprop.Adaptive: max_k ({max_k}) must be >= min_k ({min_k})")
+        self.mass, self.max_k, self.min_k = float(mass), max_k, int(min_k)
+
+    def __repr__(self) -> str:
+        return f"Adaptive(mass={self.mass}, max_k={self.max_k}, min_k={self.min_k})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Adaptive) and (self.mass, self.max_k, self.min_k) == (
+            other.mass,
+            other.max_k,
+            other.min_k,
+        )
+
+    def bounds(self, width: int, where: str) -> tuple[int, int]:
+        """``(min_k, max_k)`` as ints for a layer of ``width`` columns; ``max_k`` larger than the layer's
+        ``width`` is a ValueError naming ``where``."""
+        high = width if self.max_k is None else _width_of(self.max_k, width, f"{where}: Adaptive max_k")
+        if high > width:
+            raise ValueError(f"{where}: Adaptive max_k={self.max_k} is larger than the layer's {width} outputs")
+        return min(self.min_k, high), high
+
+
+def _width_of(k, width: int, where: str) -> int | None:
+    if k is None:
+        return None
+    if isinstance(k, bool) or not isinstance(k, numbers.Real):
+        raise ValueError(f"{where} must be None, an int >= 1 or a ratio in (0, 1], got {k!r}")
+    if isinstance(k, numbers.Integral):
+        if k < 1:
+            raise ValueError(f"{where} must be >= 1, got {k}")
+        return int(k)
+    if not 0.0 < float(k) <= 1.0:
+        raise ValueError(f"{where} must be None, an int >= 1 or a ratio in (0, 1], got {k!r}")
+    return max(1, math.ceil(float(k) * width))
+
+
+def resolve(k, width: int, where: str):
+    """``k`` for a layer of ``width`` outputs: an int ``1 <= k < width``, None (dense) or an :class:`Adaptive`
+    (checked against ``width``). Ints and ratios as :func:`meprop.functional.resolve_k`."""
+    from .functional import resolve_k
+
+    if isinstance(k, Adaptive):
+        k.bounds(width, where)
+        return k
+    return resolve_k(k, width, where)
+
+
+def select(scores: torch.Tensor, k, where: str = "meprop") -> torch.Tensor:
+    """The kept columns for ``scores (width,)``: int64 indices, larger score first, ties by lower index.
+
+    ``k`` is an int (the top ``k``) or an :class:`Adaptive` (the smallest prefix of that order whose scores sum
+    to at least ``mass`` of the total, clamped to its bounds; all-zero scores keep ``min_k``).
+    """
+    order = torch.sort(scores, descending=True, stable=True).indices
+    if isinstance(k, Adaptive):
+        low, high = k.bounds(scores.shape[0], where)
+        mass = scores.index_select(0, order).to(torch.float64).cumsum(0)
+        target = mass[-1] * k.mass
+        # The first prefix reaching the target (a 1e-12 relative slack absorbs the rounding of the cumsum).
+        needed = int(torch.searchsorted(mass, target * (1 - 1e-12)).item()) + 1
+        k = max(low, min(high, needed))
+    return order[:k]
+
+
+class FeedbackMixin:
+    """The state meprop layers share: ``last_k`` (the ``k`` of the last backward) and, with error feedback,
+    the ``feedback`` buffer (the dropped part of the last ``dy``; empty until the first backward)."""
+
+    def _init_feedback(self, error_feedback: bool, device=None, dtype=None) -> None:
+        self.last_k = None
+        self.error_feedback = bool(error_feedback)
+        if self.error_feedback:
+            self.register_buffer("feedback", torch.zeros(0, device=device, dtype=dtype))
+
+    def _take_feedback(self, dy: torch.Tensor) -> torch.Tensor:
+        """``dy`` plus the memory (a fresh tensor the caller may modify) when error feedback is on."""
+        memory = self.feedback
+        if memory.shape == dy.shape:
+            return dy + memory.to(dy.dtype)
+        return dy.clone()
+
+    def _store_feedback(self, dy: torch.Tensor, kept: torch.Tensor, dim: int) -> None:
+        """Keep ``dy`` without its ``kept`` entries along ``dim`` (modified in place) as the next memory."""
+        self.feedback = dy.index_fill_(dim, kept, 0).detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        if getattr(self, "error_feedback", False):
+            key = prefix + "feedback"
+            if key in state_dict:  # any stored shape (the memory follows dy's shape)
+                self.feedback = torch.empty_like(state_dict[key], device=self.feedback.device)
+            else:  # a plain layer's state dict: start with an empty memory
+                self.feedback = self.feedback.new_zeros(0)
+                state_dict = {**state_dict, key: self.feedback}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)

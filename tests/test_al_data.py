@@ -15,7 +15,6 @@ from al.data import (
     load_hf_dataset,
     load_mnist,
     load_vectors,
-    read_idx,
     read_labels,
     read_tsv,
     tokenize,
@@ -139,10 +138,11 @@ def test_hf_path_maps_names_fields_and_splits(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     labels, texts, names = load_hf_dataset("dbpedia_14", "train")
-    assert (labels, texts, names) == ([0, 1], ["T1 . body one", "T2 . body two"], ["neg", "pos"])
+    assert (labels, texts, names) == ([0, 1], ["body one", "body two"], ["neg", "pos"])  # content, as the seed
+    assert load_hf_dataset("dbpedia_14", "train", title=True)[1] == ["T1 . body one", "T2 . body two"]
     load_hf_dataset("sst2", "test")
     load_hf_dataset("emotion", "validation")
-    assert calls[1:] == [("glue", "sst2", "validation"), ("dair-ai/emotion", None, "validation")]
+    assert calls[2:] == [("glue", "sst2", "validation"), ("dair-ai/emotion", None, "validation")]
     with pytest.raises(ValueError, match="dataset must be"):
         load_hf_dataset("nope", "train")
     with pytest.raises(ValueError, match="split"):
@@ -150,16 +150,6 @@ def test_hf_path_maps_names_fields_and_splits(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(ImportError, match="datasets"):
         load_hf_dataset("imdb", "train")
-
-
-def test_idx_reader_roundtrip_and_errors(tmp_path):
-    array = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
-    raw = bytes([0, 0, 0x08, 3]) + b"".join(d.to_bytes(4, "big") for d in array.shape) + array.tobytes()
-    (tmp_path / "a.gz").write_bytes(gzip.compress(raw))
-    (tmp_path / "b").write_bytes(raw[:-1])
-    np.testing.assert_array_equal(read_idx(tmp_path / "a.gz"), array)
-    with pytest.raises(ValueError, match="bytes"):
-        read_idx(tmp_path / "b")
 
 
 def test_shared_mnist():

@@ -73,11 +73,11 @@ def test_meprop_k_through_the_cli(sentiment):
     train, test = sentiment
     summary = main(["--model", "transformer", "--method", "al", "--train-file", str(train), "--test-file", str(test),
                     "--epochs", "1", "--k", "4", *SMALL])
-    assert summary["args"]["k"] == 4 and 0.0 <= summary["test_accuracy"] <= 1.0
+    assert summary["config"]["k"] == 4 and 0.0 <= summary["test_accuracy"] <= 1.0
 
 
 def test_unknown_dataset_is_a_clear_error():
-    with pytest.raises(ValueError, match="no local folder"):
+    with pytest.raises(FileNotFoundError, match="no such file or folder, no local folder"):
         main(["--model", "lstm", "--method", "al", "--dataset", "no_such_set", "--no-progress"])
 
 

@@ -1,10 +1,8 @@
 """AL data: tokenizer, vocabulary, TSV and Hugging Face loaders, vector alignment, GLUE writer, MNIST IDX."""
 
-import gzip
 import sys
 import types
 
-import numpy as np
 import pytest
 import torch
 

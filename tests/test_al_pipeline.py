@@ -172,9 +172,10 @@ def test_two_stage_mlp_on_mnist_matches_sequential(launch, tmp_path):
     assert pipe["test_accuracy"] == sequential["test_accuracy"] and pipe["test_examples"] == 10000
 
 
-def test_three_stage_lstm_with_varying_lengths_matches_sequential(launch, tmp_path, sentiment):
-    """First, middle and last stage; text batches of varying length (shapes change per message)."""
-    args = [*lstm_args(sentiment), "--epochs", "1"]
+def test_three_stage_seed_lstm_with_varying_lengths_matches_sequential(launch, tmp_path, sentiment):
+    """First, middle and last stage; text batches of varying length (shapes change per message); the seed LSTM
+    (--arch seed: embedding, LSTM, LSTM), so the LSTM state crosses a stage boundary inside s."""
+    args = [*lstm_args(sentiment), "--arch", "seed", "--epochs", "1"]
     run_ranks(launch, [*args, "--save-model", str(tmp_path / "pipe.pt"), "--results", str(tmp_path / "pipe.json")],
               world=3)
     sequential = train_main([*args, "--method", "al", "--threads", "1", "--no-progress",

@@ -197,6 +197,12 @@ def test_cli_help():
         assert flag in result.stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cli_device_cuda_without_cuda_is_a_clear_error():
+    result = _cli("--device", "cuda:0", "--epochs", "1")
+    assert result.returncode == 2 and "--device cuda:0: CUDA is not available" in result.stderr
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mnist.py"), *args, "--no-progress"],
                           capture_output=True, text=True, timeout=600)

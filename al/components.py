@@ -15,11 +15,13 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Component", "ComponentStep", "Unmasked", "MaskedMeanPool", "FlattenPool"]
+__all__ = ["Component", "ComponentStep", "Unmasked", "MaskedMeanPool", "FlattenPool", "train_components"]
 
 
 class ComponentStep(NamedTuple):
@@ -85,6 +87,13 @@ class Component(nn.Module):
         self.label_decoder = label_decoder
         self.first = first
 
+    def param_groups(self, lr: float, autoencoder_lr: float | None = None) -> list[dict]:
+        """Optimizer parameter groups: the x-path (f, b) at ``lr``, the label autoencoder (g, h) at
+        ``autoencoder_lr`` (default ``lr``); the seed trains its Transformer's autoencoders at their own rate."""
+        x_path = [*self.encoder.parameters(), *self.bridge.parameters()]
+        label_path = [*self.label_encoder.parameters(), *self.label_decoder.parameters()]
+        return [{"params": x_path, "lr": lr}, {"params": label_path, "lr": lr if autoencoder_lr is None else autoencoder_lr}]
+
     def forward(
         self, s_prev: torch.Tensor, t_prev: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None
     ) -> ComponentStep:
@@ -98,3 +107,51 @@ class Component(nn.Module):
         else:
             autoencoder = F.mse_loss(reconstruction, t_prev.detach())
         return ComponentStep(s.detach(), t.detach(), associated, autoencoder)
+
+
+def train_components(
+    components,
+    optimizers,
+    s: torch.Tensor,
+    t: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    clip: float | None = None,
+    amp_dtype: torch.dtype | None = None,
+    scaler=None,
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """The AL training step of a run of consecutive components (all of a model, or one pipeline stage's).
+
+    Each component in turn computes its :class:`ComponentStep` on ``(s, t)`` (x-path input, label-path input
+    ``(N, label_in)``), its own optimizer steps on its local loss (gradient norm clipped to ``clip`` per
+    component if given) and its detached ``(s, t)`` feed the next one. ``amp_dtype`` runs the forward passes
+    under ``torch.autocast`` on ``s``'s device; ``scaler`` (a ``torch.amp.GradScaler``, for float16) scales each
+    local loss and is updated once at the end. Returns the last component's ``(s, t)`` and the loss values
+    ``[associated_1, autoencoder_1, associated_2, ...]``.
+    """
+    components, optimizers = list(components), list(optimizers)
+    if len(optimizers) != len(components):
+        raise ValueError(f"optimizers: need {len(components)} (one per component), got {len(optimizers)}")
+    autocast = (torch.autocast(s.device.type, dtype=amp_dtype) if amp_dtype is not None
+                else contextlib.nullcontext())
+    values = []
+    for component, optimizer in zip(components, optimizers):
+        with autocast:
+            step = component(s, t, labels, mask)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(step.loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            step.loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(component.parameters(), clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+        else:
+            optimizer.step()
+        values += [step.associated_loss.item(), step.autoencoder_loss.item()]
+        s, t = step.s, step.t
+    if scaler is not None:
+        scaler.update()
+    return s, t, values

@@ -13,7 +13,18 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .components import FlattenPool, MaskedMeanPool, Unmasked
 
-__all__ = ["mlp_encoders", "cnn_encoders", "lstm_encoders", "transformer_encoders", "TokenEmbedding"]
+__all__ = [
+    "mlp_encoders",
+    "cnn_encoders",
+    "lstm_encoders",
+    "transformer_encoders",
+    "seed_lstm_encoders",
+    "seed_transformer_encoders",
+    "TokenEmbedding",
+    "StatefulBiLSTM",
+    "FinalStatePool",
+    "SeedTransformerLayer",
+]
 
 
 def _check_components(num_components: int) -> None:
@@ -165,3 +176,120 @@ def transformer_encoders(
     encoders = [TransformerLayer(d_model, nhead, feedforward, dropout, embedding, max_len)]
     encoders += [TransformerLayer(d_model, nhead, feedforward, dropout) for _ in range(num_components - 1)]
     return encoders, [d_model] * num_components, MaskedMeanPool
+
+
+# ------------------------------------------------------------------------------------ the seed's text models
+
+class StatefulBiLSTM(nn.Module):
+    """A seed LSTM component's encoder: one bidirectional LSTM layer that starts from the previous LSTM
+    component's final state and hands on its own.
+
+    Input: vectors ``(N, L, in)`` (after the embedding component, zero initial state) or, with
+    ``takes_state``, the previous :class:`StatefulBiLSTM`'s output. Output ``(N, L + 2, 2*hidden)``: the output
+    sequence (zero at padding), then the final ``h`` and ``c`` as two extra rows, each ``[forward | backward]``;
+    so one tensor carries sequence and state between components (and pipeline stages). Sequences are packed by
+    their lengths (``mask (N, L)``), so padding never enters the recurrence and the final state is the one after
+    each sequence's last real token.
+    """
+
+    def __init__(self, in_features: int, hidden: int, takes_state: bool = False):
+        super().__init__()
+        self.hidden, self.takes_state = hidden, takes_state
+        self.lstm = nn.LSTM(in_features, hidden, batch_first=True, bidirectional=True)
+
+    def forward(self, s: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        n, hidden = s.shape[0], self.hidden
+        state = None
+        if self.takes_state:
+            if s.shape[-1] != 2 * hidden:
+                raise ValueError(f"StatefulBiLSTM: the previous component's state has width {s.shape[-1]}, "
+                                 f"this LSTM needs 2 * hidden = {2 * hidden}")
+            h0 = s[:, -2].reshape(n, 2, hidden).transpose(0, 1).contiguous()
+            c0 = s[:, -1].reshape(n, 2, hidden).transpose(0, 1).contiguous()
+            s, state = s[:, :-2], (h0, c0)
+        if mask is None:
+            out, (h, c) = self.lstm(s, state)
+        else:
+            lengths = mask.sum(dim=1).cpu()
+            if bool((lengths < 1).any()):
+                raise ValueError("every sequence needs at least one valid token (mask row of all False)")
+            packed = pack_padded_sequence(s, lengths, batch_first=True, enforce_sorted=False)
+            out, (h, c) = self.lstm(packed, state)
+            out = pad_packed_sequence(out, batch_first=True, total_length=s.shape[1])[0]
+        h = h.transpose(0, 1).reshape(n, 1, 2 * hidden)
+        c = c.transpose(0, 1).reshape(n, 1, 2 * hidden)
+        return torch.cat([out, h.to(out.dtype), c.to(out.dtype)], dim=1)
+
+
+class FinalStatePool(nn.Module):
+    """The seed LSTM's bridge input ``h_fwd + h_bwd`` from a :class:`StatefulBiLSTM` output: ``(N, L + 2, 2H) -> (N, H)``."""
+
+    def forward(self, s: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = s[:, -2]
+        half = h.shape[-1] // 2
+        return h[:, :half] + h[:, half:]
+
+
+class SeedTransformerLayer(nn.Module):
+    """A seed Transformer component's encoder: one pre-norm encoder layer (self-attention and feed-forward
+    sublayers, each ``x + dropout(sublayer(LayerNorm(x)))``) and a final LayerNorm, Xavier-initialised, no
+    positional encoding: ``(N, L, d_model), mask (N, L) -> (N, L, d_model)``."""
+
+    def __init__(self, d_model: int, nhead: int, feedforward: int, dropout: float = 0.1):
+        super().__init__()
+        if d_model % nhead:
+            raise ValueError(f"the seed Transformer's d_model (= embedding size {d_model}) must be divisible by "
+                             f"the number of heads ({nhead})")
+        self.layer = nn.TransformerEncoderLayer(d_model, nhead, feedforward, dropout, batch_first=True,
+                                                norm_first=True)
+        self.norm = nn.LayerNorm(d_model)
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(self, s: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        padding = None if mask is None else ~mask
+        return self.norm(self.layer(s, src_key_padding_mask=padding))
+
+
+def _seed_embedding(vocab_size, embedding_dim, vectors, dropout):
+    return Unmasked(TokenEmbedding(vocab_size, embedding_dim, vectors, dropout))
+
+
+def seed_lstm_encoders(
+    vocab_size: int,
+    embedding_dim: int = 300,
+    hidden: int = 128,
+    num_components: int = 3,
+    vectors: torch.Tensor | None = None,
+    dropout: float = 0.3,
+):
+    """The seed's LSTM: the embedding (a component of its own, pooled by masked mean), then
+    ``num_components - 1`` :class:`StatefulBiLSTM` (pooled by ``h_fwd + h_bwd``), each after the first starting
+    from the previous one's final state."""
+    _check_components(num_components)
+    if num_components < 2:
+        raise ValueError(f"num_components of the seed LSTM must be >= 2 (embedding + LSTMs), got {num_components}")
+    encoders = [_seed_embedding(vocab_size, embedding_dim, vectors, dropout), StatefulBiLSTM(embedding_dim, hidden)]
+    encoders += [StatefulBiLSTM(2 * hidden, hidden, takes_state=True) for _ in range(num_components - 2)]
+    return encoders, [embedding_dim] + [hidden] * (num_components - 1), [MaskedMeanPool] + [FinalStatePool] * (
+        num_components - 1)
+
+
+def seed_transformer_encoders(
+    vocab_size: int,
+    embedding_dim: int = 300,
+    nhead: int = 4,
+    feedforward: int = 256,
+    num_components: int = 3,
+    vectors: torch.Tensor | None = None,
+    dropout: float = 0.1,
+):
+    """The seed's Transformer: the embedding (a component of its own), then ``num_components - 1``
+    :class:`SeedTransformerLayer` with d_model = ``embedding_dim``; every bridge pools by masked mean."""
+    _check_components(num_components)
+    if num_components < 2:
+        raise ValueError(f"num_components of the seed Transformer must be >= 2 (embedding + layers), got {num_components}")
+    encoders = [_seed_embedding(vocab_size, embedding_dim, vectors, dropout)]
+    encoders += [SeedTransformerLayer(embedding_dim, nhead, feedforward, dropout) for _ in range(num_components - 1)]
+    return encoders, [embedding_dim] * num_components, MaskedMeanPool

@@ -34,19 +34,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .models import ALModel, build_model
+from meprop.data import save_atomic
+
+from .cli import add_common_arguments, check_common_arguments, parse_with_preset
+from .components import train_components
+from .config import ARCH_KEYS, PipelineConfig
+from .models import ALModel
 from .p2p import Kind, Message, Receiver, Sender, StageFailure
 from .stage_checkpoints import StageCheckpoints, checkpoints_to_keep, newest_common_step
-from .train import (
-    ARCH_KEYS,
-    add_common_arguments,
-    build_data,
-    check_common_arguments,
-    make_loader,
-    model_options,
-    save_checkpoint,
-    unpack_batch,
-)
+from .training import build_data, make_loader, make_model, unpack_batch
 
 __all__ = ["main", "parse_args", "balanced_split", "compute_weight", "Stage"]
 
@@ -54,7 +50,7 @@ EVAL_SPLITS = ("validation", "test")  # EVAL_BEGIN/EVAL_END aux codes
 ORDER_KEYS = ("seed", "batch_size", "train_limit", "dataset", "train_file")  # fix the batch order
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None) -> PipelineConfig:
     p = argparse.ArgumentParser(prog="torchrun --nproc-per-node STAGES -m al.pipeline",
                                 description=__doc__.split("\n\n")[0])
     opt = add_common_arguments(p)
@@ -77,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="checkpoint every N batches (default: one epoch) and when training ends")
     pipe.add_argument("--resume", action="store_true",
                       help="continue from the newest batch index that every stage has checkpointed")
-    args = p.parse_args(argv)
+    args = parse_with_preset(p, argv)
     check_common_arguments(p, args)
     args.method = "al"
     for name in ("threads", "max_batches", "checkpoint_every"):
@@ -94,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--checkpoint-every needs --checkpoint-dir")
     if args.backend == "nccl" and args.device != "cuda":
         p.error("--backend nccl needs --device cuda")
-    return args
+    return PipelineConfig.from_namespace(args)
 
 
 # ------------------------------------------------------------------------------------------- stage layout
@@ -163,10 +159,10 @@ class Stage:
     returns the message for the next stage.
     """
 
-    def __init__(self, model: ALModel, begin: int, end: int, rank: int, args, checkpoints):
+    def __init__(self, model: ALModel, begin: int, end: int, rank: int, args: PipelineConfig, checkpoints):
         self.model, self.begin, self.end, self.rank, self.args = model, begin, end, rank, args
         self.components = list(model.components[begin:end])
-        self.optimizers = [torch.optim.Adam(c.parameters(), lr=args.lr) for c in self.components]
+        self.optimizers = model.make_adam(args.lr, args.autoencoder_lr, begin, end)  # as al.train
         self.first, self.last = begin == 0, end == model.num_components
         self.checkpoints = checkpoints
         self.checkpoint_every = args.checkpoint_every
@@ -184,25 +180,10 @@ class Stage:
         print(f"[stage {self.rank}] {text}", file=sys.stderr, flush=True)
 
     # -- training
-    def train(self, s, t, labels, mask):
-        """One local update of each component, in order; returns the last one's ``(s, t)`` and the loss values
-        ``[associated, autoencoder, ...]`` (as ``ALModel.train_step`` does for all components)."""
-        values = []
-        for component, optimizer in zip(self.components, self.optimizers):
-            step = component(s, t, labels, mask)
-            optimizer.zero_grad(set_to_none=True)
-            step.loss.backward()
-            if self.args.clip:
-                torch.nn.utils.clip_grad_norm_(component.parameters(), self.args.clip)
-            optimizer.step()
-            values += [step.associated_loss.item(), step.autoencoder_loss.item()]
-            s, t = step.s, step.t
-        return s, t, values
-
     def _train_batch(self, message: Message) -> Message:
         s, t, labels, *mask = message.tensors
         mask = mask[0] if mask else None
-        s, t, values = self.train(s, t, labels, mask)
+        s, t, values = train_components(self.components, self.optimizers, s, t, labels, mask, self.args.clip)
         self.loss_sums = [a + b for a, b in zip(self.loss_sums, values)]
         self.loss_batches += 1
         self.step = message.step
@@ -276,7 +257,7 @@ class Stage:
     def _save_model(self, message: Message) -> Message:
         if self.last:
             _load_state_tensors(self.model.components[: self.begin], message.tensors)
-            save_checkpoint(self.args.save_model, self.model.state_dict())
+            save_atomic(self.model.state_dict(), self.args.save_model)
             return message
         return message._replace(tensors=tuple(message.tensors) + tuple(_state_tensors(self.components)))
 
@@ -448,9 +429,8 @@ def run(args) -> dict | None:
     wire = device if backend == "nccl" else torch.device("cpu")
 
     torch.manual_seed(args.seed)  # as in al.train: the same initial weights
-    datasets, names, vocab, vectors = build_data(args)
-    model = build_model(args.model, "al", k=args.k, k_mode=args.k_mode,
-                        **model_options(args, len(names), vocab, vectors)).to(device)
+    datasets, names, vocab, vectors, _ = build_data(args)
+    model = make_model(args, len(names), vocab, vectors).to(device)
     counts = parse_split(args.split, model, world)
     begin = sum(counts[:rank])
     end = begin + counts[rank]
@@ -513,7 +493,7 @@ def _summary(stage: Stage, args, datasets, counts, resumed_from, seconds) -> dic
         "parameters": sum(p.numel() for p in stage.model.parameters()),
         "seconds_this_session": round(seconds, 2),
         "throughput": throughput,
-        "args": {k: v for k, v in vars(args).items() if k not in ("results", "save_model")},
+        "config": {k: v for k, v in args.to_dict().items() if k not in ("results", "save_model")},
     }
     if stage.test:
         print(f"test accuracy: {stage.test['accuracy']:.4f} ({stage.test['examples']} examples)")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .train import save_checkpoint
+from meprop.data import save_atomic
 
 __all__ = ["StageCheckpoints", "newest_common_step", "checkpoints_to_keep", "MAX_LEAD_PER_LINK"]
 
@@ -80,7 +80,7 @@ class StageCheckpoints:
 
     def save(self, step: int, state: dict) -> None:
         """Writes ``state`` for batch index ``step`` atomically, then drops all but the newest ``keep`` files."""
-        save_checkpoint(self.path(step), state)
+        save_atomic(state, self.path(step))
         for old in self.steps()[:-self.keep]:
             self.path(old).unlink(missing_ok=True)
 

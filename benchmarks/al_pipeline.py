@@ -32,8 +32,8 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from al.models import build_model  # noqa: E402
-from al.train import build_data, make_loader, model_options, parse_args, unpack_batch  # noqa: E402
+from al.train import parse_args  # noqa: E402
+from al.training import build_data, make_loader, make_model, make_optimizers, unpack_batch  # noqa: E402
 
 DATA = Path(os.environ.get("MEPROP_DATA", REPO_ROOT.parent / "shared" / "data"))
 RT = DATA / "text" / "rotten_tomatoes"
@@ -68,9 +68,9 @@ def sequential_samples_per_s(argv, threads: int, warmup: int, batches: int) -> f
     args = parse_args([*argv, "--method", "al", "--no-progress"])
     torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
-    datasets, names, vocab, vectors = build_data(args)
-    model = build_model(args.model, "al", **model_options(args, len(names), vocab, vectors))
-    optimizers = model.make_optimizers(lambda params: torch.optim.Adam(params, lr=args.lr))
+    datasets, names, vocab, vectors, _ = build_data(args)
+    model = make_model(args, len(names), vocab, vectors)
+    optimizers = make_optimizers(model, args)
     model.train()
     loader = make_loader(datasets["train"], args, True, 1)
     if len(loader) < warmup + batches:

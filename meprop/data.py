@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["FILES", "MIRRORS", "MNIST", "download_mnist", "load_mnist", "read_idx"]
+__all__ = ["FILES", "MIRRORS", "MNIST", "download_mnist", "load_mnist", "read_idx", "save_atomic"]
 
 # name -> MD5 of the decompressed file
 FILES = {
@@ -60,6 +60,20 @@ def read_idx(data: bytes, where: str = "IDX data") -> np.ndarray:
     if len(data) != header + count * dtype.itemsize:
         raise ValueError(f"{where}: expected {header + count * dtype.itemsize} bytes for shape {shape}, got {len(data)}")
     return np.frombuffer(data, dtype=dtype, count=count, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def save_atomic(obj, path: str | os.PathLike) -> None:
+    """``torch.save(obj)`` to ``path`` atomically: written to a temporary file beside it (parent folders
+    created), then renamed over it, so a crash leaves the old file or the new one, never a partial one. The
+    project's one atomic-save helper (MNIST runs, ``al.train``, ``al.pipeline`` stage checkpoints)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _find(directory: Path, name: str) -> Path | None:

@@ -19,7 +19,6 @@ own autograd nodes, measured with autograd node pre/post hooks), ``forward_s``, 
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,7 +31,7 @@ from tqdm import tqdm
 
 from . import optim
 from .modules import convert
-from .data import load_mnist
+from .data import load_mnist, save_atomic
 from .simp import Cycle, Simplifier
 
 __all__ = [
@@ -193,12 +192,6 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
     return 100.0 * correct / len(x)
 
 
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 class StopRequested(Exception):
     """Raised when ``stop_after`` seconds have passed; the checkpoint is saved, resume to continue."""
 
@@ -302,7 +295,7 @@ def train(
                 file=sys.stderr,
             )
             if checkpoint is not None:
-                _save_atomic(
+                save_atomic(
                     dict(config=asdict(config), state=asdict(state), model=model.state_dict(),
                          optimizer=optimizer.state_dict(), rng=torch.get_rng_state(), order_rng=order.get_state(),
                          simplifier=simplifier.state_dict() if simplifier is not None else None),

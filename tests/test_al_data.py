@@ -1,10 +1,8 @@
 """AL data: tokenizer, vocabulary, TSV and Hugging Face loaders, vector alignment, GLUE writer, MNIST IDX."""
 
-import gzip
 import sys
 import types
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,7 +13,6 @@ from al.data import (
     load_hf_dataset,
     load_mnist,
     load_vectors,
-    read_idx,
     read_labels,
     read_tsv,
     tokenize,
@@ -139,10 +136,11 @@ def test_hf_path_maps_names_fields_and_splits(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     labels, texts, names = load_hf_dataset("dbpedia_14", "train")
-    assert (labels, texts, names) == ([0, 1], ["T1 . body one", "T2 . body two"], ["neg", "pos"])
+    assert (labels, texts, names) == ([0, 1], ["body one", "body two"], ["neg", "pos"])  # content, as the seed
+    assert load_hf_dataset("dbpedia_14", "train", title=True)[1] == ["T1 . body one", "T2 . body two"]
     load_hf_dataset("sst2", "test")
     load_hf_dataset("emotion", "validation")
-    assert calls[1:] == [("glue", "sst2", "validation"), ("dair-ai/emotion", None, "validation")]
+    assert calls[2:] == [("glue", "sst2", "validation"), ("dair-ai/emotion", None, "validation")]
     with pytest.raises(ValueError, match="dataset must be"):
         load_hf_dataset("nope", "train")
     with pytest.raises(ValueError, match="split"):
@@ -150,16 +148,6 @@ def test_hf_path_maps_names_fields_and_splits(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(ImportError, match="datasets"):
         load_hf_dataset("imdb", "train")
-
-
-def test_idx_reader_roundtrip_and_errors(tmp_path):
-    array = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
-    raw = bytes([0, 0, 0x08, 3]) + b"".join(d.to_bytes(4, "big") for d in array.shape) + array.tobytes()
-    (tmp_path / "a.gz").write_bytes(gzip.compress(raw))
-    (tmp_path / "b").write_bytes(raw[:-1])
-    np.testing.assert_array_equal(read_idx(tmp_path / "a.gz"), array)
-    with pytest.raises(ValueError, match="bytes"):
-        read_idx(tmp_path / "b")
 
 
 def test_shared_mnist():
@@ -170,3 +158,97 @@ def test_shared_mnist():
     assert torch.bincount(y).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     raw, _ = load_mnist(root, "test", normalize=False)
     assert float(raw.min()) == 0.0 and float(raw.max()) == 1.0
+
+
+# ------------------------------------------------------------------------------- one flag for every source
+
+from al.data import load_text_source, read_glue_sst2, read_imdb_csv, strip_html  # noqa: E402
+
+
+def write_glue_folder(folder, n_train=40, n_dev=10, n_test=7):
+    folder.mkdir()
+    rows = lambda n, shift: [(f"word{i % 5} is {'good' if (i + shift) % 2 else 'bad'}", (i + shift) % 2)  # noqa: E731
+                             for i in range(n)]
+    (folder / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows(n_train, 0)))
+    (folder / "dev.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows(n_dev, 1)))
+    (folder / "test.tsv").write_text("index\tsentence\n" + "".join(f"{i}\t{t}\n" for i, (t, _) in
+                                                                   enumerate(rows(n_test, 0))))
+    return folder
+
+
+def test_glue_sst2_files_as_glue_ships_them(tmp_path):
+    folder = write_glue_folder(tmp_path / "SST-2")
+    labels, texts = read_glue_sst2(folder / "train.tsv")
+    assert len(texts) == 40 and texts[1] == "word1 is good" and labels[:2] == [0, 1]
+    assert read_glue_sst2(folder / "test.tsv") == ([-1] * 7, [f"word{i % 5} is {'good' if i % 2 else 'bad'}"
+                                                              for i in range(7)])
+    source = load_text_source(str(folder))
+    assert sorted(source.splits) == ["test", "train", "validation"] and len(source.glue_test) == 7
+    assert source.splits["validation"] == source.splits["test"] == read_glue_sst2(folder / "dev.tsv")
+    (tmp_path / "bad.tsv").write_text("label\ttext\n1\tx\n")
+    with pytest.raises(ValueError, match="GLUE SST-2"):
+        read_glue_sst2(tmp_path / "bad.tsv")
+
+
+def test_imdb_kaggle_csv_strips_html_and_splits_80_20(tmp_path):
+    path = tmp_path / "IMDB_Dataset.csv"
+    rows = [(f'"Review {i}<br /><br />was ""fine"" &amp; long"', "positive" if i % 3 else "negative") for i in range(50)]
+    path.write_text("review,sentiment\n" + "".join(f"{r},{s}\n" for r, s in rows))
+    labels, texts = read_imdb_csv(path)
+    assert texts[0] == 'Review 0 was "fine" & long' and labels[:3] == [0, 1, 1]
+    source = load_text_source(str(path))
+    train, test = source.splits["train"], source.splits["test"]
+    assert len(test[1]) == 10 and len(train[1]) == 40 and not set(train[1]) & set(test[1])
+    assert source.names == ["negative", "positive"]
+    assert strip_html("a<br/>b <i>c</i>") == "a b c"
+
+
+def test_tsv_folder_and_clear_errors(tmp_path, monkeypatch):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "train.tsv").write_text("0\ta\n1\tb\n")
+    with pytest.raises(FileNotFoundError, match="test.tsv"):
+        load_text_source(str(folder))
+    (folder / "test.tsv").write_text("1\tc\n")
+    assert load_text_source(str(folder)).splits == {"train": ([0, 1], ["a", "b"]), "test": ([1], ["c"])}
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        load_text_source(str(tmp_path / "nothing"))
+    (tmp_path / "t.parquet").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ImportError, match="pip install datasets"):
+        load_text_source(str(tmp_path / "t.parquet"))
+
+
+def test_clinc_oos_maps_to_its_hf_config(monkeypatch):
+    calls = []
+
+    def load_dataset(path, config, split):
+        calls.append((path, config, split))
+        table = FakeTable({"text": ["book a flight"], "intent": [3]}, [])
+        table.features = {"intent": types.SimpleNamespace(names=[f"intent{i}" for i in range(151)])}
+        return table
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    source = load_text_source("clinc_oos")
+    assert calls == [("clinc_oos", "plus", s) for s in ("train", "validation", "test")]
+    assert len(source.names) == 151 and source.splits["train"] == ([3], ["book a flight"])
+
+
+def test_datasets_folders_and_files(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="the 'datasets' package is not installed (pip install datasets)")
+    features = datasets.Features({"content": datasets.Value("string"), "title": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["a", "b"])})
+    train = datasets.Dataset.from_dict({"content": ["x one", "x two"], "title": ["T1", "T2"], "label": [0, 1]},
+                                       features=features)
+    test = datasets.Dataset.from_dict({"content": ["x three"], "title": ["T3"], "label": [1]}, features=features)
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "saved"))
+    source = load_text_source(str(tmp_path / "saved"))
+    assert source.names == ["a", "b"] and source.splits["train"] == ([0, 1], ["x one", "x two"])
+    assert load_text_source(str(tmp_path / "saved"), title=True).splits["test"] == ([1], ["T3 . x three"])
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "train.csv").write_text("text,label\nfine day,pos\nbad day,neg\nok,pos\n")
+    (files / "test.csv").write_text("text,label\nnice,pos\n")
+    source = load_text_source(str(files))
+    assert source.names == ["neg", "pos"] and source.splits["train"] == ([1, 0, 1], ["fine day", "bad day", "ok"])
+    assert source.splits["test"] == ([1], ["nice"])

@@ -6,7 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from al import ALCNN, ALLSTM, ALMLP, ALTransformer, BackpropModel, build_model, prediction_entropy
+from al import (
+    ALCNN,
+    ALLSTM,
+    ALMLP,
+    ALSeedLSTM,
+    ALSeedTransformer,
+    ALTransformer,
+    BackpropModel,
+    build_model,
+    prediction_entropy,
+)
 from al_helpers import text_batch
 
 
@@ -22,6 +32,10 @@ CASES = {
              text_batch),
     "transformer": (lambda: ALTransformer(50, 3, embedding_dim=8, d_model=16, nhead=2, feedforward=32,
                                           num_components=3, max_len=16, dropout=0.0, label_dim=16), text_batch),
+    "seed_lstm": (lambda: ALSeedLSTM(50, 3, embedding_dim=8, hidden=6, num_components=3, dropout=0.0, label_dim=16),
+                  text_batch),
+    "seed_transformer": (lambda: ALSeedTransformer(50, 3, embedding_dim=8, nhead=2, feedforward=16, num_components=3,
+                                                   dropout=0.0, label_dim=16), text_batch),
 }
 
 
@@ -144,20 +158,21 @@ def test_padding_does_not_change_text_predictions():
     x, mask, labels = text_batch()
     wider_x = torch.cat([x, torch.zeros(x.shape[0], 4, dtype=x.dtype)], dim=1)
     wider_mask = torch.cat([mask, torch.zeros(x.shape[0], 4, dtype=torch.bool)], dim=1)
-    for name in ("lstm", "transformer"):
+    for name in ("lstm", "transformer", "seed_lstm", "seed_transformer"):
         torch.manual_seed(0)
         model = CASES[name][0]().eval()
         with torch.no_grad():
             torch.testing.assert_close(model(x, mask), model(wider_x, wider_mask), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "lstm", "transformer"])
-def test_backprop_baseline_uses_same_encoders(name):
+@pytest.mark.parametrize("name,arch", [("mlp", "compact"), ("cnn", "compact"), ("lstm", "compact"),
+                                       ("transformer", "compact"), ("lstm", "seed"), ("transformer", "seed")])
+def test_backprop_baseline_uses_same_encoders(name, arch):
     options = {"num_classes": 3} if name in ("lstm", "transformer") else {}
     if name in ("lstm", "transformer"):
-        options["vocab_size"] = 50
-    al_model = build_model(name, "al", **options)
-    bp_model = build_model(name, "bp", **options)
+        options.update(vocab_size=50, embedding_dim=8)
+    al_model = build_model(name, "al", arch=arch, **options)
+    bp_model = build_model(name, "bp", arch=arch, **options)
     assert isinstance(bp_model, BackpropModel)
     al_encoders = [type(c.encoder) for c in al_model.components]
     assert [type(e) for e in bp_model.encoders] == al_encoders
@@ -195,5 +210,69 @@ def test_bad_arguments():
     model = ALMLP(hidden=8, num_components=2)
     with pytest.raises(ValueError, match="optimizers"):
         model.train_step(torch.randn(2, 1, 28, 28), torch.tensor([0, 1]), [])
+    with pytest.raises(ValueError, match="arch"):
+        build_model("mlp", "al", arch="seed")
+    with pytest.raises(ValueError, match="divisible"):
+        ALSeedTransformer(50, 3, embedding_dim=50, nhead=4)
     with pytest.raises(ValueError, match="max_len"):
         ALTransformer(50, 3, max_len=4)(torch.ones(1, 6, dtype=torch.long), torch.ones(1, 6, dtype=torch.bool))
+
+
+def _seed_lstm_oracle(model, ids, mask):
+    """The seed LSTM's bridge inputs computed one sequence at a time, unpadded: the embedding's mean vector,
+    then each BiLSTM's h_fwd + h_bwd, every LSTM after the first starting from the previous one's final state."""
+    embedding = model.components[0].encoder.module
+    lstms = [c.encoder.lstm for c in model.components[1:]]
+    rows = []
+    for i in range(ids.shape[0]):
+        seq = embedding(ids[i, mask[i]].unsqueeze(0))
+        pooled, state, inputs = [seq.mean(dim=1)], None, seq
+        for lstm in lstms:
+            inputs, state = lstm(inputs, state)
+            pooled.append(state[0][0] + state[0][1])
+        rows.append(pooled)
+    return [torch.cat([row[j] for row in rows]) for j in range(len(lstms) + 1)]
+
+
+def test_seed_lstm_hands_its_final_state_on_and_bridges_from_h_fwd_plus_h_bwd():
+    torch.manual_seed(0)
+    model = CASES["seed_lstm"][0]().eval()
+    ids, mask, labels = text_batch()
+    expected = _seed_lstm_oracle(model, ids, mask)
+    with torch.no_grad():
+        s = ids
+        for j, component in enumerate(model.components):
+            s = component.encoder(s, mask)
+            torch.testing.assert_close(component.bridge.pool(s, mask), expected[j], rtol=1e-5, atol=1e-6)
+        # the bridge: tanh(Linear(h_fwd + h_bwd)); the label path: tanh encoders, linear decoders
+        last = model.components[-1]
+        torch.testing.assert_close(last.bridge(s, mask), torch.tanh(last.bridge.linear(expected[-1])))
+    assert isinstance(last.label_encoder[1], torch.nn.Tanh) and isinstance(last.label_decoder, torch.nn.Linear)
+    assert isinstance(model.components[0].label_decoder, torch.nn.Linear)  # class scores: no tanh on them
+
+
+def test_seed_transformer_has_no_positions_and_uses_the_embedding_width():
+    """Without positional encoding the prediction does not depend on the order of the tokens."""
+    torch.manual_seed(0)
+    model = CASES["seed_transformer"][0]().eval()
+    layer = model.components[1].encoder.layer
+    assert layer.self_attn.embed_dim == 8 and layer.linear1.out_features == 16 and layer.self_attn.num_heads == 2
+    assert not any("position" in name for name, _ in model.named_parameters())
+    ids, mask, _ = text_batch()
+    order = torch.randperm(ids.shape[1], generator=torch.Generator().manual_seed(1))
+    full = mask.all(dim=1)  # rows without padding can be permuted freely
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids[full][:, order], mask[full]), model(ids[full], mask[full]),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_autoencoders_get_their_own_learning_rate():
+    model = CASES["seed_transformer"][0]()
+    optimizers = model.make_adam(1e-3, 5e-4)
+    assert len(optimizers) == model.num_components
+    for optimizer, component in zip(optimizers, model.components):
+        x_path, label_path = optimizer.param_groups
+        assert x_path["lr"] == 1e-3 and label_path["lr"] == 5e-4
+        assert {id(p) for p in label_path["params"]} == {id(p) for p in (*component.label_encoder.parameters(),
+                                                                          *component.label_decoder.parameters())}
+        assert len(x_path["params"]) + len(label_path["params"]) == len(list(component.parameters()))

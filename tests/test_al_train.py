@@ -20,13 +20,15 @@ SMALL = ["--components", "2", "--hidden", "16", "--d-model", "16", "--heads", "2
          "--threads", "1"]
 
 
-@pytest.mark.parametrize("model,method", [("lstm", "al"), ("transformer", "al"), ("lstm", "bp")])
-def test_tiny_text_run_learns(sentiment, tmp_path, model, method, capsys):
+@pytest.mark.parametrize("model,method,arch,epochs", [("lstm", "al", "compact", 5), ("transformer", "al", "compact", 5),
+                                                      ("lstm", "al", "seed", 8), ("transformer", "al", "seed", 5),
+                                                      ("transformer", "bp", "seed", 5)])
+def test_tiny_text_run_learns(sentiment, tmp_path, model, method, arch, epochs, capsys):
     train, test = sentiment
     results = tmp_path / "r.json"
     extra = ["--exit-threshold", "0.5"] if method == "al" else []
-    main(["--model", model, "--method", method, "--train-file", str(train), "--test-file", str(test),
-          "--epochs", "8", "--results", str(results), *SMALL, *extra])
+    main(["--model", model, "--method", method, "--arch", arch, "--train-file", str(train), "--test-file", str(test),
+          "--epochs", str(epochs), "--results", str(results), *SMALL, *extra])
     summary = json.loads(results.read_text())
     assert summary["test_accuracy"] > 0.9
     assert f"test accuracy: {summary['test_accuracy']:.4f}" in capsys.readouterr().out
@@ -73,11 +75,11 @@ def test_meprop_k_through_the_cli(sentiment):
     train, test = sentiment
     summary = main(["--model", "transformer", "--method", "al", "--train-file", str(train), "--test-file", str(test),
                     "--epochs", "1", "--k", "4", *SMALL])
-    assert summary["args"]["k"] == 4 and 0.0 <= summary["test_accuracy"] <= 1.0
+    assert summary["config"]["k"] == 4 and 0.0 <= summary["test_accuracy"] <= 1.0
 
 
 def test_unknown_dataset_is_a_clear_error():
-    with pytest.raises(ValueError, match="no local folder"):
+    with pytest.raises(FileNotFoundError, match="no such file or folder, no local folder"):
         main(["--model", "lstm", "--method", "al", "--dataset", "no_such_set", "--no-progress"])
 
 
@@ -87,3 +89,52 @@ def test_cli_argument_errors(capsys):
                  ["--model", "lstm", "--method", "bp", "--dataset", "emotion", "--exit-threshold", "1"]):
         with pytest.raises(SystemExit):
             main(argv)
+
+
+def test_device_errors_are_clear(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    base = ["--model", "lstm", "--method", "al", "--dataset", "emotion"]
+    for extra, message in ((["--device", "cuda"], "CUDA is not available"),
+                           (["--device", "cuda:1"], "CUDA is not available"),
+                           (["--device", "tpu"], "cpu, cuda or cuda:N"),
+                           (["--amp", "bf16"], "needs a CUDA --device")):
+        with pytest.raises(SystemExit):
+            main([*base, *extra])
+        assert message in capsys.readouterr().err
+
+
+def test_preset_is_printed_and_explicit_options_win(capsys):
+    from al.train import parse_args
+
+    cfg = parse_args(["--model", "transformer", "--arch", "seed", "--method", "al", "--dataset", "rotten_tomatoes",
+                      "--preset", "rotten_tomatoes", "--epochs", "2"])
+    err = capsys.readouterr().err
+    assert "preset rotten_tomatoes" in err and "100 characters -> 29 tokens" in err
+    assert (cfg.max_len, cfg.feedforward, cfg.embedding_dim, cfg.vocab_size, cfg.autoencoder_lr) == (29, 256, 300,
+                                                                                                     30000, 5e-4)
+    assert cfg.epochs == 2 and cfg.components == 3  # explicit option; seed arch: embedding + 2 layers
+    cfg = parse_args(["--model", "lstm", "--method", "bp", "--dataset", "x", "--preset", "ag_news"])
+    assert cfg.hidden == 300 and cfg.max_len is None  # the seed's 1000: the longest text
+
+
+def test_glue_folder_submission_from_the_best_dev_epoch(tmp_path, capsys):
+    from test_al_data import write_glue_folder
+
+    folder = write_glue_folder(tmp_path / "SST-2", n_train=200, n_dev=40, n_test=30)
+    out = tmp_path / "SST-2.tsv"
+    summary = main(["--model", "lstm", "--arch", "seed", "--method", "al", "--dataset", str(folder), "--epochs", "3",
+                    "--glue-sst2", str(out), "--results", str(tmp_path / "r.json"), *SMALL])
+    curve = [h["validation_accuracy"] for h in summary["history"]]
+    assert summary["selected_epoch"] == 1 + curve.index(max(curve))
+    assert summary["best_validation_accuracy"] == max(curve) == summary["test_accuracy"]  # GLUE: test = dev
+    lines = out.read_text().splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == 31
+    assert "GLUE test (30 rows)" in capsys.readouterr().err
+
+
+def test_valid_fraction_selects_on_held_out_train(sentiment):
+    train, test = sentiment
+    summary = main(["--model", "transformer", "--arch", "seed", "--method", "bp", "--train-file", str(train),
+                    "--test-file", str(test), "--epochs", "2", "--valid-fraction", "0.25", *SMALL])
+    assert summary["train_examples"] == 450 and "validation_accuracy" in summary["history"][0]
+    assert summary["selected_epoch"] in (1, 2)

@@ -169,7 +169,7 @@ def test_resume_ends_with_the_same_weights(small_splits, tmp_path, preset):
     with pytest.raises(mnist.StopRequested):
         mnist.train(config, splits, checkpoint=tmp_path / "cut.pt", progress=False, stop_at=time.time())
     assert torch.load(tmp_path / "cut.pt", weights_only=False)["state"]["epoch"] == 1
-    assert not (tmp_path / "cut.pt.tmp").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     resumed = mnist.train(config, splits, checkpoint=tmp_path / "cut.pt", resume=True, progress=False)
     a, b = straight.final_model.state_dict(), resumed.final_model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
@@ -195,6 +195,12 @@ def test_cli_help():
     assert result.returncode == 0, result.stderr
     for flag in ("--epochs", "--k", "--mode", "--seeds", "--hidden", "--layers", "--dropout", "--device", "--data-dir", "--quick", "--checkpoint", "--resume", "--threads"):
         assert flag in result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cli_device_cuda_without_cuda_is_a_clear_error():
+    result = _cli("--device", "cuda:0", "--epochs", "1")
+    assert result.returncode == 2 and "--device cuda:0: CUDA is not available" in result.stderr
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

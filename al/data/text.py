@@ -1,11 +1,15 @@
-"""Text classification data: tokenizer, vocabulary, TSV and Hugging Face loaders, word vectors, GLUE output.
+"""Text classification data: tokenizer, vocabulary, TSV and Hugging Face loaders, word vectors, GLUE files.
 
 Offline format (``../shared/data/text/NAME/``): ``train.tsv``/``validation.tsv``/``test.tsv`` with one
-``label<TAB>text`` per line (label = integer index into ``labels.txt``, one class name per line).
+``label<TAB>text`` per line (label = integer index into ``labels.txt``, one class name per line). GLUE's own
+SST-2 files (``sentence<TAB>label`` with a header row; test ``index<TAB>sentence``) are read by
+:func:`read_glue_sst2`, the Kaggle ``IMDB_Dataset.csv`` (``review,sentiment``) by :func:`read_imdb_csv`.
 """
 
 from __future__ import annotations
 
+import csv
+import html
 import re
 from collections import Counter
 from pathlib import Path
@@ -23,8 +27,12 @@ __all__ = [
     "load_local_split",
     "HF_DATASETS",
     "load_hf_dataset",
+    "hf_text_fields",
     "load_vectors",
     "write_glue_sst2",
+    "read_glue_sst2",
+    "read_imdb_csv",
+    "strip_html",
 ]
 
 # Lower-cased words, GloVe-style clitics ("don't" -> "do", "n't"; "it's" -> "it", "'s") and single
@@ -132,12 +140,63 @@ def load_local_split(folder, split: str) -> tuple[list[int], list[str]]:
     return read_tsv(path)
 
 
+_TAG = re.compile(r"<[^<>]{0,200}>")
+
+
+def strip_html(text: str) -> str:
+    """``text`` without HTML tags (IMDB's ``<br />``) and with entities (``&amp;``) decoded."""
+    return " ".join(html.unescape(_TAG.sub(" ", text)).split())
+
+
+def read_glue_sst2(path) -> tuple[list[int], list[str]]:
+    """A GLUE SST-2 file as GLUE ships it: header ``sentence<TAB>label`` (train.tsv, dev.tsv; labels 0/1) or
+    ``index<TAB>sentence`` (test.tsv, unlabelled: labels -1). Returns labels and sentences in file order."""
+    with open(path, encoding="utf-8", newline="") as handle:
+        rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if not rows:
+        raise ValueError(f"{path}: empty; expected GLUE SST-2's header 'sentence<TAB>label' or 'index<TAB>sentence'")
+    header = [cell.strip() for cell in rows[0]]
+    if header == ["sentence", "label"]:
+        text_at, label_at = 0, 1
+    elif header == ["index", "sentence"]:
+        text_at, label_at = 1, None
+    else:
+        raise ValueError(f"{path}: header {header} is not GLUE SST-2's 'sentence<TAB>label' or 'index<TAB>sentence'")
+    labels, texts = [], []
+    for number, row in enumerate(rows[1:], 2):
+        if not row:
+            continue
+        if len(row) != 2 or (label_at is not None and row[label_at].strip() not in ("0", "1")):
+            raise ValueError(f"{path}:{number}: expected two tab-separated fields as in the header {header}")
+        texts.append(row[text_at])
+        labels.append(-1 if label_at is None else int(row[label_at]))
+    return labels, texts
+
+
+def read_imdb_csv(path) -> tuple[list[int], list[str]]:
+    """The Kaggle ``IMDB_Dataset.csv`` (columns ``review,sentiment``; 50,000 rows): labels (negative 0,
+    positive 1) and reviews with their HTML (``<br />``) stripped."""
+    labels, texts = [], []
+    with open(path, encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or not {"review", "sentiment"} <= set(reader.fieldnames):
+            raise ValueError(f"{path}: expected the IMDB CSV's columns 'review,sentiment', got {reader.fieldnames}")
+        for number, row in enumerate(reader, 2):
+            sentiment = row["sentiment"].strip().lower()
+            if sentiment not in ("negative", "positive"):
+                raise ValueError(f"{path}:{number}: sentiment must be 'negative' or 'positive', got {sentiment!r}")
+            labels.append(int(sentiment == "positive"))
+            texts.append(strip_html(row["review"]))
+    return labels, texts
+
+
 # name -> (Hugging Face path, config, text fields, label field, {our split: HF split}).
 # SST-2's GLUE test split has no labels, so its labelled validation split serves as "test" (as in
 # ../shared/data/text/sst2); "glue_test" gives the unlabelled GLUE test split for prediction files.
+# dbpedia_14 uses the content as the seed does (title + content with ``title=True``); imdb's HTML is stripped.
 HF_DATASETS = {
     "ag_news": ("ag_news", None, ("text",), "label", {"train": "train", "test": "test"}),
-    "dbpedia_14": ("dbpedia_14", None, ("title", "content"), "label", {"train": "train", "test": "test"}),
+    "dbpedia_14": ("dbpedia_14", None, ("content",), "label", {"train": "train", "test": "test"}),
     "banking77": ("banking77", None, ("text",), "label", {"train": "train", "test": "test"}),
     "emotion": ("dair-ai/emotion", None, ("text",), "label",
                 {"train": "train", "validation": "validation", "test": "test"}),
@@ -147,15 +206,25 @@ HF_DATASETS = {
     "sst2": ("glue", "sst2", ("sentence",), "label",
              {"train": "train", "test": "validation", "glue_test": "test"}),
     "imdb": ("imdb", None, ("text",), "label", {"train": "train", "test": "test"}),
+    "clinc_oos": ("clinc_oos", "plus", ("text",), "intent",
+                  {"train": "train", "validation": "validation", "test": "test"}),
 }
+HTML_DATASETS = {"imdb"}
 
 
-def load_hf_dataset(name: str, split: str) -> tuple[list[int], list[str], list[str]]:
+def hf_text_fields(name: str, title: bool = False) -> tuple[str, ...]:
+    """The text fields read for the listed dataset ``name`` (dbpedia_14 with ``title``: title and content)."""
+    fields = HF_DATASETS[name][2]
+    return ("title", *fields) if title and name == "dbpedia_14" else fields
+
+
+def load_hf_dataset(name: str, split: str, title: bool = False) -> tuple[list[int], list[str], list[str]]:
     """Labels, texts and class names of ``split`` of the listed dataset ``name`` via Hugging Face ``datasets``
-    (needs the package and a network connection or its cache)."""
+    (needs the package and a network connection or its cache). Several text fields are joined by " . "."""
     if name not in HF_DATASETS:
         raise ValueError(f"dataset must be one of {sorted(HF_DATASETS)}, got {name!r}")
-    path, config, text_fields, label_field, splits = HF_DATASETS[name]
+    path, config, _, label_field, splits = HF_DATASETS[name]
+    text_fields = hf_text_fields(name, title)
     if split not in splits:
         raise ValueError(f"{name}: split must be one of {sorted(splits)}, got {split!r}")
     try:
@@ -167,6 +236,8 @@ def load_hf_dataset(name: str, split: str) -> tuple[list[int], list[str], list[s
         ) from error
     table = datasets.load_dataset(path, config, split=splits[split])
     texts = [" . ".join(parts) for parts in zip(*(table[field] for field in text_fields))]
+    if name in HTML_DATASETS:
+        texts = [strip_html(text) for text in texts]
     return list(table[label_field]), texts, list(table.features[label_field].names)
 
 

@@ -10,7 +10,7 @@ setup: $(VENV)/.built
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q "$(TORCH)" numpy pytest hypothesis ninja pybind11 setuptools wheel tqdm matplotlib triton transformers
+	$(BIN)/pip install -q "$(TORCH)" numpy pytest hypothesis ninja pybind11 setuptools wheel tqdm matplotlib triton transformers datasets
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)

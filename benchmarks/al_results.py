@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,12 +136,20 @@ def campaign(patterns, seeds, jobs, budget, force) -> None:
                 continue
             data = load()
             data["runs"][run_key(row, method, seed)] = record
-            data["machine"] = (f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores shared "
-                               f"with other sessions' light work, 1 torch thread per run, {jobs} runs at a time")
+            data["machine"] = (f"{_cpu_name()} ({platform.machine()}), {os.cpu_count()} cores shared with other "
+                               f"sessions' light work, torch {version('torch')}, 1 torch thread per run, {jobs} runs at a time")
             data["scaled_down"] = SCALED
             save(data)
             print(f"{run_key(row, method, seed)}: test {record['test_accuracy']:.4f} (epoch "
                   f"{record['selected_epoch']}), {record['seconds']} s", file=sys.stderr, flush=True)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "CPU"
 
 
 def aggregate(data: dict) -> list[dict]:

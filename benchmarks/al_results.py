@@ -185,7 +185,9 @@ def report() -> None:
     text = "\n".join(lines) + "\n\n" + (
         f"{sum(r['al_minus_bp'] >= -0.5 for r in done)} of {len(done)} rows AL >= BP - 0.5; "
         f"{sum(r['al_minus_bp'] >= 0 for r in done)} of {len(done)} AL >= BP.\n\n"
-        f"Machine: {data.get('machine', '?')}. Scaled down: {SCALED}\n")
+        f"Measured {min(r['date_utc'] for r in data['runs'].values())} to "
+        f"{max(r['date_utc'] for r in data['runs'].values())} UTC on {data.get('machine', '?')}. Test accuracy of "
+        f"each run's best validation epoch, mean ± sample std over the seeds. Scaled down: {SCALED}\n")
     (RESULTS / "al.md").write_text("# AL vs BP (benchmarks/al_results.py)\n\n" + text)
     print(text)
     import matplotlib

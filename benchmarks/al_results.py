@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,12 +136,20 @@ def campaign(patterns, seeds, jobs, budget, force) -> None:
                 continue
             data = load()
             data["runs"][run_key(row, method, seed)] = record
-            data["machine"] = (f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores shared "
-                               f"with other sessions' light work, 1 torch thread per run, {jobs} runs at a time")
+            data["machine"] = (f"{_cpu_name()} ({platform.machine()}), {os.cpu_count()} cores shared with other "
+                               f"sessions' light work, torch {version('torch')}, 1 torch thread per run, {jobs} runs at a time")
             data["scaled_down"] = SCALED
             save(data)
             print(f"{run_key(row, method, seed)}: test {record['test_accuracy']:.4f} (epoch "
                   f"{record['selected_epoch']}), {record['seconds']} s", file=sys.stderr, flush=True)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "CPU"
 
 
 def aggregate(data: dict) -> list[dict]:
@@ -176,7 +185,9 @@ def report() -> None:
     text = "\n".join(lines) + "\n\n" + (
         f"{sum(r['al_minus_bp'] >= -0.5 for r in done)} of {len(done)} rows AL >= BP - 0.5; "
         f"{sum(r['al_minus_bp'] >= 0 for r in done)} of {len(done)} AL >= BP.\n\n"
-        f"Machine: {data.get('machine', '?')}. Scaled down: {SCALED}\n")
+        f"Measured {min(r['date_utc'] for r in data['runs'].values())} to "
+        f"{max(r['date_utc'] for r in data['runs'].values())} UTC on {data.get('machine', '?')}. Test accuracy of "
+        f"each run's best validation epoch, mean ± sample std over the seeds. Scaled down: {SCALED}\n")
     (RESULTS / "al.md").write_text("# AL vs BP (benchmarks/al_results.py)\n\n" + text)
     print(text)
     import matplotlib

@@ -16,7 +16,7 @@ backward alone, so the optimizer's share shows.
 LSTM view (``--lstm``): one ``nn.LSTM`` layer (input 300, hidden 500, 25 steps, batch 32 and 1) against
 ``meprop.LSTM`` at k=10 per gate, unified and per_example, per backend: the forward (with autograd on) and the
 backward (``torch.autograd.grad`` of dx and every weight over a retained graph), interleaved; the peak memory
-of one forward + backward is the growth of the peak resident set of a fresh process running just that case.
+of one forward + backward is that of PyTorch's allocator (CUDA statistics; on CPU the profiler's allocation events).
 
 Results go to benchmarks/results/speed-<device>-<dtype>[-quick].{csv,json,png} (per layer),
 benchmarks/results/step-<device>.json (step view) and benchmarks/results/lstm-<device>.json (LSTM view).
@@ -66,7 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="key cases only, fewer rounds (a few minutes)")
     p.add_argument("--step", action="store_true", help="the training-step view (MNIST MLP) instead of per layer")
     p.add_argument("--lstm", action="store_true", help="the LSTM view (nn.LSTM vs meprop.LSTM) instead of per layer")
-    p.add_argument("--lstm-peak", help=argparse.SUPPRESS)  # internal: one LSTM case's peak memory, in this process
+    p.add_argument("--lstm-peak-only", action="store_true",
+                   help="measure only the LSTM view's peak memory and add it to an existing lstm-<device>.json")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     p.add_argument("--sizes", nargs="+", metavar="BxINxOUT[:K,...]", help="e.g. 1024x8192x8192:32 50x500x500:20,30")
@@ -267,37 +268,39 @@ def lstm_case(batch, steps, n_in, hidden, k, mode, backend, device):
     return model, x, torch.randn(steps, batch, hidden, device=device)
 
 
-def lstm_peak(spec: str, device) -> None:
-    """Print the peak-RSS growth (MB) of one forward + backward of the case ``batch,mode,backend`` (a fresh
-    process: --lstm-peak)."""
-    import resource
-
-    batch, mode, backend = spec.split(",")
-    size = next(s for s in LSTM_SIZES if s[0] == int(batch))
+def lstm_peak_mb(batch, mode, backend, device) -> float:
+    """Peak memory (MB) allocated through PyTorch's allocator during one forward + backward of a case, above what
+    was allocated before (CUDA: the allocator's peak statistic; CPU: the running sum of the profiler's
+    allocation events). The kernels' own small std::vector buffers are not counted."""
+    size = next(s for s in LSTM_SIZES if s[0] == batch)
     model, x, dout = lstm_case(*size, None if mode == "dense" else mode, backend, device)
-    with torch.no_grad():  # warm the allocator and the kernels' scratch, then measure from the current peak
+    with torch.no_grad():  # lazy initialisation first
         model(x)
-    out, _ = model(x)
-    torch.autograd.grad(out, [x, *model.parameters()], dout)
+
+    def step():
+        out, _ = model(x)
+        torch.autograd.grad(out, [x, *model.parameters()], dout)
+
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out, _ = model(x)
-    torch.autograd.grad(out, [x, *model.parameters()], dout)
-    if device.type == "cuda":
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
-    print(f"PEAK_MB {peak:.2f}")
+        step()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return peak / 2**20
 
 
 def lstm_view(args, device):
     """nn.LSTM vs meprop.LSTM per backend and mode: forward and backward times, ratios, peak memory."""
-    import subprocess
-
     names = [b for b in backends.available(device) if b != "reference" and (not args.backends or b in args.backends)]
     rows = []
     for batch, steps, n_in, hidden, k in LSTM_SIZES:
@@ -323,11 +326,7 @@ def lstm_view(args, device):
                 row.update({f"{phase}_ms": t[key + (phase,)].median * 1e3, f"{phase}_iqr_ms": t[key + (phase,)].iqr * 1e3,
                             f"{phase}_ratio": c["ratio"], f"{phase}_ratio_min": c["ratio_min"],
                             f"{phase}_ratio_max": c["ratio_max"], f"{phase}_noisy": c["noisy"]})
-            spec = f"{batch},{key[0]},{key[1]}"
-            done = subprocess.run([sys.executable, __file__, "--lstm-peak", spec, "--device", str(device)],
-                                  capture_output=True, text=True)
-            peak = [ln for ln in done.stdout.splitlines() if ln.startswith("PEAK_MB")]
-            row["peak_mb"] = float(peak[0].split()[1]) if peak else None
+            row["peak_mb"] = lstm_peak_mb(batch, key[0], None if key[1] == "nn.LSTM" else key[1], device)
             rows.append(row)
         del graphs
     print(f"{'LSTM T=25 in=300 H=500':<24} {'mode':<12} {'backend':<8} {'fwd ms':>8} {'fwd/dense':>9} "
@@ -345,8 +344,16 @@ def lstm_view(args, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.lstm_peak:
-        lstm_peak(args.lstm_peak, torch.device(args.device))
+    if args.lstm_peak_only:
+        path = args.out_dir / f"lstm-{args.device}.json"
+        result = json.loads(path.read_text())
+        for row in result["results"]:
+            row["peak_mb"] = lstm_peak_mb(row["batch"], row["mode"], None if row["backend"] == "nn.LSTM" else row["backend"],
+                                          torch.device(args.device))
+            print(row["batch"], row["mode"], row["backend"], f"peak {row['peak_mb']:.1f} MB")
+        result["peak_note"] = (f"peak_mb measured separately ({describe_machine(torch.device(args.device))['date']}, "
+                               "--lstm-peak-only): PyTorch allocations during one forward + backward")
+        path.write_text(json.dumps(result, indent=1) + "\n")
         return
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     machine = describe_machine(device)

@@ -1,8 +1,9 @@
 """meprop: sparse backpropagation (meProp, Sun et al., ICML 2017) for PyTorch.
 
 ``meprop.Linear`` is a drop-in ``nn.Linear`` whose backward keeps only the top-k entries of the output
-gradient; ``meprop.Conv2d`` does the same for convolutions (by output channel); ``meprop.convert`` swaps
-them into an existing model; ``meprop.Adaptive`` chooses ``k`` per step; ``meprop.functional.linear`` is the function.
+gradient; ``meprop.Conv2d`` does the same for convolutions (by output channel); ``meprop.LSTM`` is a drop-in
+``nn.LSTM`` whose BPTT keeps the top-k gate-gradient entries of every step; ``meprop.convert`` swaps them into
+an existing model; ``meprop.Adaptive`` chooses ``k`` per step; ``meprop.functional.linear`` is the function.
 The ops (defined once in ``meprop.opdefs``) run on fused C++ (CPU), CUDA or Triton kernels, all checked against
 ``meprop.reference``; ``meprop.backends`` says which backend can run what. ``meprop.optim`` keeps the
 optimizer step sparse too; ``meprop.distributed`` makes DDP training select for the global batch and

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import backends, functional, lstm_reference
+from . import backends, functional
 
 __all__ = ["LSTM", "K_SCOPES", "lstm_layer_forward"]
 

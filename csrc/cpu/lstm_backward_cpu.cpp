@@ -3,7 +3,7 @@
 // one pass over da for the column scores and the bias gradient (select.h), the selection (select.h), then the
 // four products with the kept entries only: unified through compacted blocks and small_gemm.h, per-example as
 // sums of the kept weight rows (and of rows of x / h for the weight gradients, column blocks per thread, so no
-// atomics). Temporaries are O(B * 4H + 4k * (I + H)) per call; float16/bfloat16 are computed in float32.
+// atomics). Temporaries: tanh of the cell states (T x B x H, one vectorised pass) and O(B * 4H + 4k * (I + H)); float16/bfloat16 are computed in float32.
 #include <torch/library.h>
 
 #include "select.h"
@@ -21,8 +21,9 @@ struct LstmStep {
   std::vector<int64_t> idx;
   acc *dw_ih, *dw_hh;
 
-  // da (b x 4H) from the saved gates and states and the incoming dh, dc; dc <- dc * f.
-  void gate_grad(int64_t b, const acc* gates, const acc* c_prev, const acc* dout) {
+  // da (b x 4H) from the saved gates and states, tanh of the step's cell state and the incoming dh, dc;
+  // dc <- dc * f.
+  void gate_grad(int64_t b, const acc* gates, const acc* c_prev, const acc* tanh_c, const acc* dout) {
     const int64_t H = hidden, G = 4 * hidden;
     at::parallel_for(0, b, row_grain(G), [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
@@ -30,7 +31,7 @@ struct LstmStep {
         acc* d = da.data() + n * G;
         for (int64_t j = 0; j < H; ++j) {
           const acc i = g[j], f = g[H + j], gg = g[2 * H + j], o = g[3 * H + j], cp = c_prev[n * H + j];
-          const acc tc = std::tanh(f * cp + i * gg);
+          const acc tc = tanh_c[n * H + j];
           const acc dht = dh[n * H + j] + dout[n * H + j];
           const acc dct = dc[n * H + j] + dht * o * (acc(1) - tc * tc);
           d[j] = dct * gg * i * (acc(1) - i);
@@ -135,6 +136,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor dout = as_acc(dout_in), x = as_acc(x_in), h_prev = as_acc(h_prev_in), c_prev = as_acc(c_prev_in);
   const at::Tensor gates = as_acc(gates_in), w_ih = as_acc(w_ih_in), w_hh = as_acc(w_hh_in);
   const at::Tensor given = idx_in.has_value() ? idx_in->contiguous() : at::Tensor();
+  // tanh(c_t) of every step in one vectorised pass (a scalar tanh per entry in the step loop costs more than
+  // all the sparse products): c_t = f * c_prev + i * g.
+  const at::Tensor gate = gates.view({steps, batch, 4, hidden});
+  const at::Tensor tanh_c = at::addcmul(gate.select(2, 1) * c_prev, gate.select(2, 0), gate.select(2, 2)).tanh_();
   const auto options = x.options();
   at::Tensor dx = at::zeros({steps, batch, n_in}, options);
   at::Tensor dw_ih = at::zeros({G, n_in}, options), dw_hh = at::zeros({G, hidden}, options);
@@ -162,8 +167,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const int64_t t = reverse ? step : steps - 1 - step;  // the forward's steps in the opposite order
       const int64_t b = batch_sizes.has_value() ? (*batch_sizes)[t] : batch;
       if (b == 0) continue;
-      s.gate_grad(b, gates.const_data_ptr<acc>() + t * batch * G, c_prev.const_data_ptr<acc>() + t * batch * hidden,
-                  dout.const_data_ptr<acc>() + t * batch * hidden);
+      const int64_t at_t = t * batch * hidden;
+      s.gate_grad(b, gates.const_data_ptr<acc>() + t * batch * G, c_prev.const_data_ptr<acc>() + at_t,
+                  tanh_c.const_data_ptr<acc>() + at_t, dout.const_data_ptr<acc>() + at_t);
       const int64_t* g = nullptr;
       if (given.defined()) g = given.const_data_ptr<int64_t>() + t * (per_example ? batch * kept : kept);
       s.select(b, g);

@@ -308,6 +308,7 @@ def summarize(runs):
             "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
             "backward_ms": statistics.median(r["backward_ms"] for r in rs),
             "step_ms": statistics.median(r["step_ms"] for r in rs),
+            "mean_k": {n: statistics.mean(r["mean_k"][n] for r in rs) for n in rs[0].get("mean_k", {})},
         }
     dense = rows.get("dense")
     for row in rows.values():
@@ -330,12 +331,13 @@ def plot(args):
                   f"Settings: {json.dumps({k: v for k, v in data['settings'].items() if k != 'experiment'})}", ""]
         if data["experiment"] in ("mnist", "text"):
             rows = summarize(data["runs"])
-            lines += ["| variant | seeds | accuracy % (mean ± std) | vs dense | backward ms | speedup | step ms |",
-                      "|---|---|---|---|---|---|---|"]
+            lines += ["| variant | seeds | accuracy % (mean ± std) | vs dense | backward ms | speedup | step ms | "
+                      "mean k per layer |", "|---|---|---|---|---|---|---|---|"]
             for v, r in rows.items():
                 lines.append(f"| {v} | {r['seeds']} | {r['accuracy_mean']:.2f} ± {r['accuracy_std']:.2f} | "
                              f"{r.get('accuracy_vs_dense', 0):+.2f} | {r['backward_ms']:.1f} | "
-                             f"{r.get('backward_speedup', 1):.2f}x | {r['step_ms']:.1f} |")
+                             f"{r.get('backward_speedup', 1):.2f}x | {r['step_ms']:.1f} | "
+                             f"{', '.join(f'{n}: {k:.1f}' for n, k in r['mean_k'].items())} |")
             fig, ax = plt.subplots(figsize=(5, 3.5))
             for v, r in rows.items():
                 ax.errorbar(r["backward_ms"], r["accuracy_mean"], yerr=r["accuracy_std"], fmt="o", label=v)

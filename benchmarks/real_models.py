@@ -280,6 +280,11 @@ def run(args):
             brief = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in result.items()
                      if k in ("accuracy", "backward_ms", "step_ms", "seconds")}
             print(args.experiment, variant, seed, brief, flush=True)
+            path = write(args, runs)  # after every run, so a run cut short keeps what finished
+    print(f"wrote {path}")
+
+
+def write(args, runs) -> Path:
     settings = {k: v for k, v in vars(args).items() if k not in ("func", "out_dir")}
     out = {
         "experiment": args.experiment,
@@ -291,7 +296,7 @@ def run(args):
     tag = f"-{args.tag}" if args.tag else ""
     path = args.out_dir / f"real_models-{args.experiment}{tag}.json"
     path.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {path}")
+    return path
 
 
 def summarize(runs):

@@ -202,7 +202,7 @@ def run_text(variant, seed, args, data):
     model = TextClassifier(args.vocab, classes, length=args.length)
     options = variant_options(variant, args)
     if options is not None:
-        meprop.convert(model, **options)  # every Linear
+        meprop.convert(model, exclude_modules=["head"] if args.dense_head else None, **options)  # every Linear
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     timer, ks = Timer(), collections.defaultdict(list)
     gen = torch.Generator().manual_seed(seed)
@@ -390,6 +390,7 @@ def main(argv=None):
         p.add_argument("--length", type=int, default=48)
         p.add_argument("--steps", type=int, default=300, help="hf: training steps")
         p.add_argument("--threads", type=int, default=2)
+        p.add_argument("--dense-head", action="store_true", help="text: keep the output Linear dense")
         p.add_argument("--tag", default="")
         p.add_argument("--out-dir", type=Path, default=RESULTS)
         p.set_defaults(func=run)

@@ -6,7 +6,7 @@ only (compacted operands, see ``meprop.conv``). Each case is the backward alone 
 retained graph with respect to input, weight and bias), timed interleaved round after round
 (``benchmarks/timing.py``); medians with IQR and the per-round ratio range are reported.
 
-    python benchmarks/conv2d.py [--batch 64 --channels 64 --size 32 --ks 8,16,32 --rounds 5]
+    python benchmarks/conv2d.py [--batch 64 --channels 64 --size 32 --ks 8,16,32 --rounds 5] [--channels-last]
 """
 
 from __future__ import annotations
@@ -42,9 +42,10 @@ def masking_hook(k: int):
 def cases(args):
     torch.manual_seed(0)
     c = args.channels
-    dense = nn.Conv2d(c, c, 3, padding=1)
-    x = torch.randn(args.batch, c, args.size, args.size, requires_grad=True)
-    dy = torch.randn(args.batch, c, args.size, args.size)
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    dense = nn.Conv2d(c, c, 3, padding=1).to(memory_format=layout)
+    x = torch.randn(args.batch, c, args.size, args.size).contiguous(memory_format=layout).requires_grad_()
+    dy = torch.randn(args.batch, c, args.size, args.size).contiguous(memory_format=layout)
 
     def backward_of(layer, hook=None):
         y = layer(x)
@@ -70,10 +71,14 @@ def main(argv=None):
     parser.add_argument("--ks", type=lambda s: [int(v) for v in s.split(",")], default=[8, 16, 32])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--min-run-time", type=float, default=0.5)
-    parser.add_argument("--out", type=Path, default=RESULTS / "conv2d-cpu.json")
+    parser.add_argument("--channels-last", action="store_true", help="input, dy and weights channels-last")
+    parser.add_argument("--out", type=Path, default=None, help="default: results/conv2d-cpu[-channels_last].json")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = RESULTS / f"conv2d-cpu{'-channels_last' if args.channels_last else ''}.json"
     machine = describe_machine(torch.device("cpu"))
     shape = f"batch {args.batch}, {args.channels}->{args.channels} channels, 3x3, {args.size}x{args.size}"
+    shape += ", channels-last" if args.channels_last else ", NCHW"
     print(f"Conv2d backward on {machine['device']}, {shape}, torch {machine['torch']}, {machine['date']}")
     timings = interleaved(cases(args), rounds=args.rounds, min_run_time=args.min_run_time)
     base = timings["dense"]

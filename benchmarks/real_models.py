@@ -202,7 +202,7 @@ def run_text(variant, seed, args, data):
     model = TextClassifier(args.vocab, classes, length=args.length)
     options = variant_options(variant, args)
     if options is not None:
-        meprop.convert(model, **options)  # every Linear
+        meprop.convert(model, exclude_modules=["head"] if args.dense_head else None, **options)  # every Linear
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     timer, ks = Timer(), collections.defaultdict(list)
     gen = torch.Generator().manual_seed(seed)
@@ -280,6 +280,11 @@ def run(args):
             brief = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in result.items()
                      if k in ("accuracy", "backward_ms", "step_ms", "seconds")}
             print(args.experiment, variant, seed, brief, flush=True)
+            path = write(args, runs)  # after every run, so a run cut short keeps what finished
+    print(f"wrote {path}")
+
+
+def write(args, runs) -> Path:
     settings = {k: v for k, v in vars(args).items() if k not in ("func", "out_dir")}
     out = {
         "experiment": args.experiment,
@@ -291,7 +296,7 @@ def run(args):
     tag = f"-{args.tag}" if args.tag else ""
     path = args.out_dir / f"real_models-{args.experiment}{tag}.json"
     path.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {path}")
+    return path
 
 
 def summarize(runs):
@@ -308,6 +313,7 @@ def summarize(runs):
             "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
             "backward_ms": statistics.median(r["backward_ms"] for r in rs),
             "step_ms": statistics.median(r["step_ms"] for r in rs),
+            "mean_k": {n: statistics.mean(r["mean_k"][n] for r in rs) for n in rs[0].get("mean_k", {})},
         }
     dense = rows.get("dense")
     for row in rows.values():
@@ -330,12 +336,13 @@ def plot(args):
                   f"Settings: {json.dumps({k: v for k, v in data['settings'].items() if k != 'experiment'})}", ""]
         if data["experiment"] in ("mnist", "text"):
             rows = summarize(data["runs"])
-            lines += ["| variant | seeds | accuracy % (mean ± std) | vs dense | backward ms | speedup | step ms |",
-                      "|---|---|---|---|---|---|---|"]
+            lines += ["| variant | seeds | accuracy % (mean ± std) | vs dense | backward ms | speedup | step ms | "
+                      "mean k per layer |", "|---|---|---|---|---|---|---|---|"]
             for v, r in rows.items():
                 lines.append(f"| {v} | {r['seeds']} | {r['accuracy_mean']:.2f} ± {r['accuracy_std']:.2f} | "
                              f"{r.get('accuracy_vs_dense', 0):+.2f} | {r['backward_ms']:.1f} | "
-                             f"{r.get('backward_speedup', 1):.2f}x | {r['step_ms']:.1f} |")
+                             f"{r.get('backward_speedup', 1):.2f}x | {r['step_ms']:.1f} | "
+                             f"{', '.join(f'{n}: {k:.1f}' for n, k in r['mean_k'].items())} |")
             fig, ax = plt.subplots(figsize=(5, 3.5))
             for v, r in rows.items():
                 ax.errorbar(r["backward_ms"], r["accuracy_mean"], yerr=r["accuracy_std"], fmt="o", label=v)
@@ -383,6 +390,7 @@ def main(argv=None):
         p.add_argument("--length", type=int, default=48)
         p.add_argument("--steps", type=int, default=300, help="hf: training steps")
         p.add_argument("--threads", type=int, default=2)
+        p.add_argument("--dense-head", action="store_true", help="text: keep the output Linear dense")
         p.add_argument("--tag", default="")
         p.add_argument("--out-dir", type=Path, default=RESULTS)
         p.set_defaults(func=run)

@@ -109,8 +109,21 @@ def conv2d_backward(
 def channel_scores(dy: torch.Tensor) -> torch.Tensor:
     """``s_c = sum_{n,h,w} |dy[n, c, h, w]|`` of ``dy (N, C, H, W)``, shape ``(C,)``, in the accumulation dtype."""
     d = dy.detach()
+    if _channels_last(d):  # (N H W, C) rows: a column sum
+        return d.permute(0, 2, 3, 1).reshape(-1, d.shape[1]).abs().sum(0, dtype=accumulate_dtype(dy.dtype))
     d = d.reshape(d.shape[0], d.shape[1], -1)  # (N, C, HW): reductions over the contiguous last axis first
     return d.abs().sum(-1, dtype=accumulate_dtype(dy.dtype)).sum(0)
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _bias_grad(dy: torch.Tensor) -> torch.Tensor:
+    acc = accumulate_dtype(dy.dtype)
+    if _channels_last(dy):
+        return dy.permute(0, 2, 3, 1).reshape(-1, dy.shape[1]).sum(0, dtype=acc).to(dy.dtype)
+    return dy.reshape(dy.shape[0], dy.shape[1], -1).sum(-1, dtype=acc).sum(0).to(dy.dtype)
 
 
 class _SparseConv2d(torch.autograd.Function):
@@ -141,8 +154,7 @@ class _SparseConv2d(torch.autograd.Function):
             dx, dw = conv2d_backward(
                 dy, input, weight, kept, *ctx.conv, backend=ctx.backend, input_grad=need_dx, weight_grad=need_dw
             )
-        g = grad_output.reshape(grad_output.shape[0], grad_output.shape[1], -1)
-        db = g.sum(-1, dtype=accumulate_dtype(g.dtype)).sum(0).to(g.dtype)
+        db = _bias_grad(grad_output)
         if feedback:
             owner._store_feedback(dy, kept, 1)
         return dx, dw, db if need_db and ctx.has_bias else None, *([None] * 8)

@@ -133,3 +133,18 @@ def test_functional_conv2d_matches_the_module():
     a = torch.autograd.grad(layer(x), (x, layer.weight), g)
     b = torch.autograd.grad(meprop.conv.conv2d(x, layer.weight, layer.bias, 1, 1, k=2), (x, layer.weight), g)
     assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_channels_last_tensors_match_the_oracle_and_keep_their_layout():
+    gen = torch.Generator().manual_seed(4)
+    cl = torch.channels_last
+    dense = nn.Conv2d(5, 9, 3, padding=1).double().to(memory_format=cl)
+    layer = meprop.Conv2d.from_conv(dense, k=3)
+    x = torch.randn(4, 5, 8, 8, dtype=torch.float64, generator=gen).contiguous(memory_format=cl).requires_grad_()
+    g = tie_free((4, 9, 8, 8), gen).contiguous(memory_format=cl)
+    dx, dw, db = torch.autograd.grad(layer(x), (x, layer.weight, layer.bias), g)
+    odx, odw, odb, _ = oracle_grads(dense, x, g, 3)
+    torch.testing.assert_close(dx, odx)
+    torch.testing.assert_close(dw, odw)
+    torch.testing.assert_close(db, odb)
+    assert dx.is_contiguous(memory_format=cl)

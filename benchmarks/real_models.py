@@ -93,6 +93,23 @@ def adaptive_ks(model, counts):
 
 
 # ---------------------------------------------------------------- MNIST CNN
+def train_classifier(model, x, y, seed, args):
+    """Adam (lr 1e-3), ``args.epochs`` epochs of shuffled batches of ``args.batch`` with cross-entropy on ``x (N, ...)``,
+    ``y (N,)``; leaves ``model`` in eval mode. Returns the Timer and the k used per adaptive layer and step."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    timer, ks = Timer(), collections.defaultdict(list)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(args.epochs):
+        model.train()
+        order = torch.randperm(len(y), generator=gen)
+        for i in range(0, len(y) - args.batch + 1, args.batch):
+            idx = order[i : i + args.batch]
+            train_step(model, lambda: F.cross_entropy(model(x[idx]), y[idx]), opt, timer)
+            adaptive_ks(model, ks)
+    model.eval()
+    return timer, ks
+
+
 def mnist_cnn():
     return nn.Sequential(
         nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -107,18 +124,9 @@ def run_mnist(variant, seed, args, data):
     options = variant_options(variant, args)
     if options is not None:
         meprop.convert(model, target_modules=["0", "3"], **options)  # every conv layer
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = data.train_images[: args.train].float().div(255).unsqueeze(1)
     y = data.train_labels[: args.train]
-    timer, ks = Timer(), collections.defaultdict(list)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(args.epochs):
-        order = torch.randperm(len(y), generator=gen)
-        for i in range(0, len(y) - args.batch + 1, args.batch):
-            idx = order[i : i + args.batch]
-            train_step(model, lambda: F.cross_entropy(model(x[idx]), y[idx]), opt, timer)
-            adaptive_ks(model, ks)
-    model.eval()
+    timer, ks = train_classifier(model, x, y, seed, args)
     with torch.no_grad():
         tx = data.test_images.float().div(255).unsqueeze(1)
         pred = torch.cat([model(tx[i : i + 1000]).argmax(1) for i in range(0, len(tx), 1000)])
@@ -203,17 +211,7 @@ def run_text(variant, seed, args, data):
     options = variant_options(variant, args)
     if options is not None:
         meprop.convert(model, exclude_modules=["head"] if args.dense_head else None, **options)  # every Linear
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    timer, ks = Timer(), collections.defaultdict(list)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(args.epochs):
-        model.train()
-        order = torch.randperm(len(ytr), generator=gen)
-        for i in range(0, len(ytr) - args.batch + 1, args.batch):
-            idx = order[i : i + args.batch]
-            train_step(model, lambda: F.cross_entropy(model(xtr[idx]), ytr[idx]), opt, timer)
-            adaptive_ks(model, ks)
-    model.eval()
+    timer, ks = train_classifier(model, xtr, ytr, seed, args)
     with torch.no_grad():
         pred = torch.cat([model(xte[i : i + 500]).argmax(1) for i in range(0, len(xte), 500)])
     acc = (pred == yte).float().mean().item() * 100

@@ -6,11 +6,13 @@ lower index). ``dx`` is the input gradient of the convolution by ``W[S]`` of ``d
 gradient, the other rows of ``dW`` are zero, ``db = sum_{n,h,w} dy`` is dense. The work is that of a
 convolution with ``k`` output channels, not a dense product with a mask:
 
-- ``backend=None``, ``"cpu"`` or ``"cuda"``: ATen's convolution kernels on the compacted operands
-  ``dy[:, S]`` (``(N, k, H, W)``) and ``W[S]`` (``(k, C_in, kh, kw)``): ``dx`` is the transposed convolution
-  of ``dy[:, S]`` by ``W[S]``, ``dW[S]`` ``convolution_backward``'s weight gradient, both in the channels-last
-  layout (oneDNN / cuDNN kernels for a ``k``-channel convolution; no meprop C++ op is added: the existing
-  convolution kernels do the compacted products).
+- ``backend=None``, ``"cpu"`` or ``"cuda"``: ATen kernels on the compacted operands ``dy[:, S]``
+  (``(N, k, H, W)``) and ``W[S]`` (``(k, C_in, kh, kw)``); no meprop C++ op is added. On CPU with stride 1 and
+  NCHW tensors: two GEMMs against shifted copies of the small ``dy[:, S]`` (one strided copy per kernel tap,
+  a chunk of examples at a time), ``dx[n] = W[S]^T cols[n]`` and ``dW[S]^T = sum_n x[n] cols[n]^T``, so ``x``
+  and ``dx`` stay in their own layout. Otherwise (CUDA, channels-last, stride > 1): ``dx`` is the transposed
+  convolution of ``dy[:, S]`` by ``W[S]``, ``dW[S]`` ``convolution_backward``'s weight gradient, both in the
+  channels-last layout (oneDNN / cuDNN kernels for a ``k``-channel convolution).
 - ``backend="reference"``: the same products written over the im2col view, in pure PyTorch: ``cols =
   unfold(x)`` ``(N, C_in kh kw, L)``, ``dW[S] = dy[:, S] cols^T``, ``dx = fold(W[S]^T dy[:, S])``.
 
@@ -41,6 +43,8 @@ CONV_BACKENDS = ("reference", "cpu", "cuda")
 
 
 def _compacted_aten(dy, x, w, stride, padding, dilation, need_dx, need_dw):
+    if x.device.type == "cpu" and list(stride) == [1, 1] and x.is_contiguous() and not _channels_last(dy):
+        return _compacted_shifts(dy, x, w, padding, dilation, need_dx, need_dw)
     # oneDNN runs these k-channel convolutions several times faster in the channels-last layout than in NCHW
     # (measured: batch 64, 64 channels, 32x32, k=8), so the operands are converted and dx converted back.
     layout = torch.channels_last
@@ -59,6 +63,52 @@ def _compacted_aten(dy, x, w, stride, padding, dilation, need_dx, need_dw):
             dy, xl, w, None, stride, padding, dilation, False, [0, 0], 1, [False, True, False]
         )
     return dx, dw
+
+
+# Bytes of shifted dy copies built at once by _compacted_shifts (a chunk of examples; at least one example).
+SHIFTS_BUDGET = 4 << 20
+
+
+def _shifted(dy, kernel, padding, dilation, size):
+    """``cols (n, k kh kw, H_in W_in)``: ``cols[n, (c, a, b), (u, v)] = dy[n, c, u + ph - a dh, v + pw - b dw]``,
+    zero where that position is outside ``dy (n, k, H_out, W_out)``: for a stride-1 convolution, the window of
+    ``dy`` that meets input position ``(u, v)`` through kernel tap ``(a, b)``. Built by one strided copy per tap."""
+    n, k, h_out, w_out = dy.shape
+    cols = dy.new_zeros((n, k, *kernel, *size))
+    for a in range(kernel[0]):
+        oa = padding[0] - a * dilation[0]
+        u0, u1 = max(0, -oa), min(size[0], h_out - oa)
+        for b in range(kernel[1]):
+            ob = padding[1] - b * dilation[1]
+            v0, v1 = max(0, -ob), min(size[1], w_out - ob)
+            if u0 < u1 and v0 < v1:
+                cols[:, :, a, b, u0:u1, v0:v1] = dy[:, :, u0 + oa : u1 + oa, v0 + ob : v1 + ob]
+    return cols.view(n, -1, size[0] * size[1])
+
+
+def _compacted_shifts(dy, x, w, padding, dilation, need_dx, need_dw):
+    # Stride 1, NCHW: both gradients are GEMMs against the shifted copies of the small dy[:, S] (k channels), so
+    # the large x and dx are read and written in their own layout (no conversions, no im2col of x):
+    # dx[n] = W[S]^T (C_in, k kh kw) @ cols[n], dW[S]^T = sum_n x[n] (C_in, H_in W_in) @ cols[n]^T.
+    n, c_in = x.shape[:2]
+    k, kernel, size = w.shape[0], w.shape[2:], x.shape[2:]
+    area = size[0] * size[1]
+    wt = w.permute(1, 0, 2, 3).reshape(c_in, -1)
+    xs = x.reshape(n, c_in, area)
+    dx = x.new_empty((n, c_in, area)) if need_dx else None
+    dwt = torch.zeros((c_in, wt.shape[1]), dtype=accumulate_dtype(dy.dtype), device=dy.device) if need_dw else None
+    chunk = max(1, SHIFTS_BUDGET // (wt.shape[1] * area * dy.element_size()))
+    for s in range(0, n, chunk):
+        cols = _shifted(dy[s : s + chunk], kernel, padding, dilation, size)
+        if need_dx:
+            torch.matmul(wt, cols, out=dx[s : s + chunk])
+        if need_dw:
+            dwt += torch.bmm(xs[s : s + chunk], cols.transpose(1, 2)).sum(0, dtype=dwt.dtype)
+    if need_dx:
+        dx = dx.view(x.shape)
+    if need_dw:
+        dwt = dwt.to(dy.dtype).view(c_in, k, *kernel).transpose(0, 1)
+    return dx, dwt
 
 
 def _compacted_unfold(dy, x, w, stride, padding, dilation, need_dx, need_dw):

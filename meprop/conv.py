@@ -156,13 +156,25 @@ def conv2d_backward(
     return (dx if input_grad else None), dw
 
 
+# Bytes of |dy| that channel_scores holds at once (a chunk of examples; at least one example).
+SCORES_BUDGET = 2 << 20
+
+
 def channel_scores(dy: torch.Tensor) -> torch.Tensor:
     """``s_c = sum_{n,h,w} |dy[n, c, h, w]|`` of ``dy (N, C, H, W)``, shape ``(C,)``, in the accumulation dtype."""
     d = dy.detach()
     if _channels_last(d):  # (N H W, C) rows: a column sum
         return d.permute(0, 2, 3, 1).reshape(-1, d.shape[1]).abs().sum(0, dtype=accumulate_dtype(dy.dtype))
-    d = d.reshape(d.shape[0], d.shape[1], -1)  # (N, C, HW): reductions over the contiguous last axis first
-    return d.abs().sum(-1, dtype=accumulate_dtype(dy.dtype)).sum(0)
+    # (N, C, HW): reductions over the contiguous last axis first; |dy| of a chunk of examples at a time into one
+    # small buffer (a temporary as large as dy costs more in first-touch page faults than the whole read).
+    d = d.reshape(d.shape[0], d.shape[1], -1)
+    chunk = max(1, SCORES_BUDGET // (d[0].numel() * d.element_size()))
+    buf = torch.empty_like(d[:chunk])
+    scores = torch.zeros(d.shape[1], dtype=accumulate_dtype(dy.dtype), device=d.device)
+    for s in range(0, d.shape[0], chunk):
+        part = torch.abs(d[s : s + chunk], out=buf[: d.shape[0] - s])
+        scores += part.sum(-1, dtype=scores.dtype).sum(0)
+    return scores
 
 
 def _channels_last(t: torch.Tensor) -> bool:

@@ -69,46 +69,49 @@ def _compacted_aten(dy, x, w, stride, padding, dilation, need_dx, need_dw):
 SHIFTS_BUDGET = 4 << 20
 
 
-def _shifted(dy, kernel, padding, dilation, size):
-    """``cols (n, k kh kw, H_in W_in)``: ``cols[n, (c, a, b), (u, v)] = dy[n, c, u + ph - a dh, v + pw - b dw]``,
-    zero where that position is outside ``dy (n, k, H_out, W_out)``: for a stride-1 convolution, the window of
-    ``dy`` that meets input position ``(u, v)`` through kernel tap ``(a, b)``. Built by one strided copy per tap."""
-    n, k, h_out, w_out = dy.shape
-    cols = dy.new_zeros((n, k, *kernel, *size))
+def _shift_into(cols, dy, padding, dilation):
+    """Fill ``cols (n, k, kh, kw, H_in, W_in)`` with ``cols[n, c, a, b, u, v] = dy[n, c, u + ph - a dh, v + pw - b dw]``
+    where that position lies inside ``dy (n, k, H_out, W_out)``: for a stride-1 convolution, the entry of ``dy``
+    that meets input position ``(u, v)`` through kernel tap ``(a, b)``. One strided copy per tap; the entries
+    outside ``dy`` are not written (they stay zero for every chunk of the same geometry)."""
+    kernel, size, out = cols.shape[2:4], cols.shape[4:], dy.shape[2:]
     for a in range(kernel[0]):
         oa = padding[0] - a * dilation[0]
-        u0, u1 = max(0, -oa), min(size[0], h_out - oa)
+        u0, u1 = max(0, -oa), min(size[0], out[0] - oa)
         for b in range(kernel[1]):
             ob = padding[1] - b * dilation[1]
-            v0, v1 = max(0, -ob), min(size[1], w_out - ob)
+            v0, v1 = max(0, -ob), min(size[1], out[1] - ob)
             if u0 < u1 and v0 < v1:
                 cols[:, :, a, b, u0:u1, v0:v1] = dy[:, :, u0 + oa : u1 + oa, v0 + ob : v1 + ob]
-    return cols.view(n, -1, size[0] * size[1])
 
 
 def _compacted_shifts(dy, x, w, padding, dilation, need_dx, need_dw):
     # Stride 1, NCHW: both gradients are GEMMs against the shifted copies of the small dy[:, S] (k channels), so
     # the large x and dx are read and written in their own layout (no conversions, no im2col of x):
-    # dx[n] = W[S]^T (C_in, k kh kw) @ cols[n], dW[S]^T = sum_n x[n] (C_in, H_in W_in) @ cols[n]^T.
+    # dx[n] = W[S]^T (C_in, k kh kw) @ cols[n], dW[S] (k kh kw, C_in) = sum_n cols[n] @ x[n]^T. The shifted
+    # copies of a chunk of examples go into one zeroed buffer reused for every chunk.
     n, c_in = x.shape[:2]
     k, kernel, size = w.shape[0], w.shape[2:], x.shape[2:]
-    area = size[0] * size[1]
-    wt = w.permute(1, 0, 2, 3).reshape(c_in, -1)
+    area, taps = size[0] * size[1], k * kernel[0] * kernel[1]
+    wt = w.permute(1, 0, 2, 3).reshape(c_in, taps)
     xs = x.reshape(n, c_in, area)
     dx = x.new_empty((n, c_in, area)) if need_dx else None
-    dwt = torch.zeros((c_in, wt.shape[1]), dtype=accumulate_dtype(dy.dtype), device=dy.device) if need_dw else None
-    chunk = max(1, SHIFTS_BUDGET // (wt.shape[1] * area * dy.element_size()))
+    dws = torch.zeros((taps, c_in), dtype=accumulate_dtype(dy.dtype), device=dy.device) if need_dw else None
+    chunk = min(n, max(1, SHIFTS_BUDGET // (taps * area * dy.element_size())))
+    buf = dy.new_zeros((chunk, k, *kernel, *size))
     for s in range(0, n, chunk):
-        cols = _shifted(dy[s : s + chunk], kernel, padding, dilation, size)
+        part = buf[: min(chunk, n - s)]
+        _shift_into(part, dy[s : s + chunk], padding, dilation)
+        cols = part.view(-1, taps, area)
         if need_dx:
             torch.matmul(wt, cols, out=dx[s : s + chunk])
         if need_dw:
-            dwt += torch.bmm(xs[s : s + chunk], cols.transpose(1, 2)).sum(0, dtype=dwt.dtype)
+            dws += torch.bmm(cols, xs[s : s + chunk].transpose(1, 2)).sum(0, dtype=dws.dtype)
     if need_dx:
         dx = dx.view(x.shape)
     if need_dw:
-        dwt = dwt.to(dy.dtype).view(c_in, k, *kernel).transpose(0, 1)
-    return dx, dwt
+        dws = dws.to(dy.dtype).view(k, *kernel, c_in).permute(0, 3, 1, 2)
+    return dx, dws
 
 
 def _compacted_unfold(dy, x, w, stride, padding, dilation, need_dx, need_dw):

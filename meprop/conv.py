@@ -7,10 +7,10 @@ gradient, the other rows of ``dW`` are zero, ``db = sum_{n,h,w} dy`` is dense. T
 convolution with ``k`` output channels, not a dense product with a mask:
 
 - ``backend=None``, ``"cpu"`` or ``"cuda"``: ATen kernels on the compacted operands ``dy[:, S]``
-  (``(N, k, H, W)``) and ``W[S]`` (``(k, C_in, kh, kw)``); no meprop C++ op is added. On CPU with stride 1 and
-  NCHW tensors: two GEMMs against shifted copies of the small ``dy[:, S]`` (one strided copy per kernel tap,
-  a chunk of examples at a time), ``dx[n] = W[S]^T cols[n]`` and ``dW[S]^T = sum_n x[n] cols[n]^T``, so ``x``
-  and ``dx`` stay in their own layout. Otherwise (CUDA, channels-last, stride > 1): ``dx`` is the transposed
+  (``(N, k, H, W)``) and ``W[S]`` (``(k, C_in, kh, kw)``); no meprop C++ op is added. On CPU with stride 1
+  (NCHW or channels-last): two GEMMs against shifted copies of the small ``dy[:, S]`` (one strided copy per
+  kernel tap, a chunk of examples at a time), ``dx[n] = W[S]^T cols[n]`` and ``dW[S] = sum_n cols[n] x[n]^T``,
+  so ``x`` and ``dx`` stay in their own layout. Otherwise (CUDA, stride > 1): ``dx`` is the transposed
   convolution of ``dy[:, S]`` by ``W[S]``, ``dW[S]`` ``convolution_backward``'s weight gradient, both in the
   channels-last layout (oneDNN / cuDNN kernels for a ``k``-channel convolution).
 - ``backend="reference"``: the same products written over the im2col view, in pure PyTorch: ``cols =
@@ -43,7 +43,7 @@ CONV_BACKENDS = ("reference", "cpu", "cuda")
 
 
 def _compacted_aten(dy, x, w, stride, padding, dilation, need_dx, need_dw):
-    if x.device.type == "cpu" and list(stride) == [1, 1] and x.is_contiguous() and not _channels_last(dy):
+    if x.device.type == "cpu" and list(stride) == [1, 1] and (x.is_contiguous() or _channels_last(x)):
         return _compacted_shifts(dy, x, w, padding, dilation, need_dx, need_dw)
     # oneDNN runs these k-channel convolutions several times faster in the channels-last layout than in NCHW
     # (measured: batch 64, 64 channels, 32x32, k=8), so the operands are converted and dx converted back.
@@ -86,29 +86,38 @@ def _shift_into(cols, dy, padding, dilation):
 
 
 def _compacted_shifts(dy, x, w, padding, dilation, need_dx, need_dw):
-    # Stride 1, NCHW: both gradients are GEMMs against the shifted copies of the small dy[:, S] (k channels), so
-    # the large x and dx are read and written in their own layout (no conversions, no im2col of x):
-    # dx[n] = W[S]^T (C_in, k kh kw) @ cols[n], dW[S] (k kh kw, C_in) = sum_n cols[n] @ x[n]^T. The shifted
-    # copies of a chunk of examples go into one zeroed buffer reused for every chunk.
+    # Stride 1: both gradients are GEMMs against the shifted copies of the small dy[:, S] (k channels), so the
+    # large x and dx are read and written in their own layout, NCHW or channels-last (no conversions, no
+    # im2col of x): dx[n] = W[S]^T (C_in, k kh kw) @ cols[n], dW[S] (k kh kw, C_in) = sum_n cols[n] @ x[n]^T.
+    # The shifted copies of a chunk of examples go into one zeroed buffer reused for every chunk, laid out
+    # (chunk, k kh kw, H W) for NCHW and (chunk, H W, k kh kw) for channels-last.
     n, c_in = x.shape[:2]
     k, kernel, size = w.shape[0], w.shape[2:], x.shape[2:]
     area, taps = size[0] * size[1], k * kernel[0] * kernel[1]
+    last = _channels_last(x)
     wt = w.permute(1, 0, 2, 3).reshape(c_in, taps)
-    xs = x.reshape(n, c_in, area)
-    dx = x.new_empty((n, c_in, area)) if need_dx else None
+    xs = x.permute(0, 2, 3, 1).reshape(n, area, c_in)  # a view in both layouts
+    dx = torch.empty_like(x) if need_dx else None
+    if need_dx:
+        dxs = dx.permute(0, 2, 3, 1).view(n, area, c_in) if last else dx.view(n, c_in, area)
     dws = torch.zeros((taps, c_in), dtype=accumulate_dtype(dy.dtype), device=dy.device) if need_dw else None
     chunk = min(n, max(1, SHIFTS_BUDGET // (taps * area * dy.element_size())))
-    buf = dy.new_zeros((chunk, k, *kernel, *size))
+    if last:
+        flat = dy.new_zeros((chunk, *size, k, *kernel))
+        buf = flat.permute(0, 3, 4, 5, 1, 2)  # (chunk, k, kh, kw, H, W) view
+    else:
+        flat = buf = dy.new_zeros((chunk, k, *kernel, *size))
     for s in range(0, n, chunk):
-        part = buf[: min(chunk, n - s)]
-        _shift_into(part, dy[s : s + chunk], padding, dilation)
-        cols = part.view(-1, taps, area)
+        m = min(chunk, n - s)
+        _shift_into(buf[:m], dy[s : s + chunk], padding, dilation)
+        cols = flat[:m].view(m, area, taps).transpose(1, 2) if last else flat[:m].view(m, taps, area)
         if need_dx:
-            torch.matmul(wt, cols, out=dx[s : s + chunk])
+            if last:
+                torch.matmul(cols.transpose(1, 2), wt.t(), out=dxs[s : s + m])
+            else:
+                torch.matmul(wt, cols, out=dxs[s : s + m])
         if need_dw:
-            dws += torch.bmm(cols, xs[s : s + chunk].transpose(1, 2)).sum(0, dtype=dws.dtype)
-    if need_dx:
-        dx = dx.view(x.shape)
+            dws += torch.bmm(cols, xs[s : s + m]).sum(0, dtype=dws.dtype)
     if need_dw:
         dws = dws.to(dy.dtype).view(k, *kernel, c_in).permute(0, 3, 1, 2)
     return dx, dws

@@ -90,12 +90,14 @@ def _compacted_shifts(dy, x, w, padding, dilation, need_dx, need_dw):
     # large x and dx are read and written in their own layout, NCHW or channels-last (no conversions, no
     # im2col of x): dx[n] = W[S]^T (C_in, k kh kw) @ cols[n], dW[S] (k kh kw, C_in) = sum_n cols[n] @ x[n]^T.
     # The shifted copies of a chunk of examples go into one zeroed buffer reused for every chunk, laid out
-    # (chunk, k kh kw, H W) for NCHW and (chunk, H W, k kh kw) for channels-last.
+    # (chunk, k kh kw, H W) for NCHW and (chunk, H W, kh kw k) for channels-last.
     n, c_in = x.shape[:2]
     k, kernel, size = w.shape[0], w.shape[2:], x.shape[2:]
     area, taps = size[0] * size[1], k * kernel[0] * kernel[1]
     last = _channels_last(x)
-    wt = w.permute(1, 0, 2, 3).reshape(c_in, taps)
+    # taps ordered (k, kh, kw) for NCHW, (kh, kw, k) for channels-last (copies of k contiguous channels)
+    wt = w.permute(1, 2, 3, 0) if last else w.permute(1, 0, 2, 3)
+    wt = wt.reshape(c_in, taps)
     xs = x.permute(0, 2, 3, 1).reshape(n, area, c_in)  # a view in both layouts
     dx = torch.empty_like(x) if need_dx else None
     if need_dx:
@@ -103,8 +105,8 @@ def _compacted_shifts(dy, x, w, padding, dilation, need_dx, need_dw):
     dws = torch.zeros((taps, c_in), dtype=accumulate_dtype(dy.dtype), device=dy.device) if need_dw else None
     chunk = min(n, max(1, SHIFTS_BUDGET // (taps * area * dy.element_size())))
     if last:
-        flat = dy.new_zeros((chunk, *size, k, *kernel))
-        buf = flat.permute(0, 3, 4, 5, 1, 2)  # (chunk, k, kh, kw, H, W) view
+        flat = dy.new_zeros((chunk, *size, *kernel, k))
+        buf = flat.permute(0, 5, 3, 4, 1, 2)  # (chunk, k, kh, kw, H, W) view
     else:
         flat = buf = dy.new_zeros((chunk, k, *kernel, *size))
     for s in range(0, n, chunk):
@@ -119,7 +121,8 @@ def _compacted_shifts(dy, x, w, padding, dilation, need_dx, need_dw):
         if need_dw:
             dws += torch.bmm(cols, xs[s : s + m]).sum(0, dtype=dws.dtype)
     if need_dw:
-        dws = dws.to(dy.dtype).view(k, *kernel, c_in).permute(0, 3, 1, 2)
+        dws = dws.to(dy.dtype)
+        dws = dws.view(*kernel, k, c_in).permute(2, 3, 0, 1) if last else dws.view(k, *kernel, c_in).permute(0, 3, 1, 2)
     return dx, dws
 
 
@@ -158,7 +161,7 @@ def conv2d_backward(
     convolution kernels on the compacted operands) or ``"reference"`` (the im2col products).
     """
     kept = kept.sort().values
-    dy = grad_output.index_select(1, kept)
+    dy = _gather_channels(grad_output, kept)
     w = weight.index_select(0, kept)
     fn = _compacted_unfold if backend == "reference" else _compacted_aten
     dx, dw_kept = fn(dy, input, w, list(stride), list(padding), list(dilation), input_grad, weight_grad)
@@ -173,20 +176,29 @@ SCORES_BUDGET = 2 << 20
 
 
 def channel_scores(dy: torch.Tensor) -> torch.Tensor:
-    """``s_c = sum_{n,h,w} |dy[n, c, h, w]|`` of ``dy (N, C, H, W)``, shape ``(C,)``, in the accumulation dtype."""
+    """``s_c = sum_{n,h,w} |dy[n, c, h, w]|`` of ``dy (N, C, H, W)``, shape ``(C,)``, in the accumulation dtype.
+
+    |dy| of a chunk of examples at a time goes into one small buffer (a temporary as large as dy costs more in
+    first-touch page faults than the whole read); channels-last chunks are summed as ``(n H W, C)`` columns,
+    NCHW ones over the contiguous positions first."""
     d = dy.detach()
-    if _channels_last(d):  # (N H W, C) rows: a column sum
-        return d.permute(0, 2, 3, 1).reshape(-1, d.shape[1]).abs().sum(0, dtype=accumulate_dtype(dy.dtype))
-    # (N, C, HW): reductions over the contiguous last axis first; |dy| of a chunk of examples at a time into one
-    # small buffer (a temporary as large as dy costs more in first-touch page faults than the whole read).
-    d = d.reshape(d.shape[0], d.shape[1], -1)
-    chunk = max(1, SCORES_BUDGET // (d[0].numel() * d.element_size()))
-    buf = torch.empty_like(d[:chunk])
+    last = _channels_last(d)
+    rows = d.permute(0, 2, 3, 1).reshape(d.shape[0], -1, d.shape[1]) if last else d.reshape(*d.shape[:2], -1)
+    chunk = max(1, SCORES_BUDGET // (rows[0].numel() * d.element_size()))
+    buf = torch.empty_like(rows[:chunk])
     scores = torch.zeros(d.shape[1], dtype=accumulate_dtype(dy.dtype), device=d.device)
     for s in range(0, d.shape[0], chunk):
-        part = torch.abs(d[s : s + chunk], out=buf[: d.shape[0] - s])
-        scores += part.sum(-1, dtype=scores.dtype).sum(0)
+        part = torch.abs(rows[s : s + chunk], out=buf[: d.shape[0] - s])
+        scores += part.sum((0, 1), dtype=scores.dtype) if last else part.sum(-1, dtype=scores.dtype).sum(0)
     return scores
+
+
+def _gather_channels(dy: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``dy[:, kept]`` of ``dy (N, C, H, W)``, shape ``(N, k, H, W)``, in ``dy``'s layout (index_select on dim 1 of a
+    channels-last tensor would first copy all of it to NCHW)."""
+    if _channels_last(dy):
+        return dy.permute(0, 2, 3, 1).index_select(3, kept).permute(0, 3, 1, 2)
+    return dy.index_select(1, kept)
 
 
 def _channels_last(t: torch.Tensor) -> bool:

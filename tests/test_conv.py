@@ -40,6 +40,7 @@ GEOMETRIES = [
     dict(kernel_size=3, padding="same"),
     dict(kernel_size=3, padding=1, padding_mode="reflect"),
     dict(kernel_size=1, bias=False),
+    dict(kernel_size=(3, 2), padding=(2, 0), dilation=(1, 2)),
 ]
 
 
@@ -148,3 +149,22 @@ def test_channels_last_tensors_match_the_oracle_and_keep_their_layout():
     torch.testing.assert_close(dw, odw)
     torch.testing.assert_close(db, odb)
     assert dx.is_contiguous(memory_format=cl)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_chunks_of_examples_match_the_oracle(monkeypatch, layout):
+    """The shifted-dy GEMMs and the channel scores over chunks of 2, 2 and 1 examples (budgets shrunk)."""
+    n, c_out, k, h, w = 5, 9, 3, 7, 6
+    monkeypatch.setattr(meprop.conv, "SHIFTS_BUDGET", 2 * k * 9 * h * w * 8)  # 2 examples of k 3x3 taps, fp64
+    monkeypatch.setattr(meprop.conv, "SCORES_BUDGET", 2 * c_out * h * w * 8)
+    gen = torch.Generator().manual_seed(5)
+    dense = nn.Conv2d(4, c_out, 3, padding=1).double().to(memory_format=layout)
+    layer = meprop.Conv2d.from_conv(dense, k=k)
+    x = torch.randn(n, 4, h, w, dtype=torch.float64, generator=gen).contiguous(memory_format=layout).requires_grad_()
+    g = tie_free((n, c_out, h, w), gen).contiguous(memory_format=layout)
+    dx, dw, db = torch.autograd.grad(layer(x), (x, layer.weight, layer.bias), g)
+    odx, odw, odb, _ = oracle_grads(dense, x, g, k)
+    torch.testing.assert_close(dx, odx, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(dw, odw, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(db, odb)
+    assert dx.is_contiguous(memory_format=layout)

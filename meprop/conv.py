@@ -42,9 +42,10 @@ CONV_MODES = ("unified", "random_unified")
 CONV_BACKENDS = ("reference", "cpu", "cuda")
 
 
-def _compacted_aten(dy, x, w, stride, padding, dilation, need_dx, need_dw):
+def _compacted_aten(grad_output, kept, x, w, stride, padding, dilation, need_dx, need_dw):
     if x.device.type == "cpu" and list(stride) == [1, 1] and (x.is_contiguous() or _channels_last(x)):
-        return _compacted_shifts(dy, x, w, padding, dilation, need_dx, need_dw)
+        return _compacted_shifts(grad_output, kept, x, w, padding, dilation, need_dx, need_dw)
+    dy = _gather_channels(grad_output, kept)
     # oneDNN runs these k-channel convolutions several times faster in the channels-last layout than in NCHW
     # (measured: batch 64, 64 channels, 32x32, k=8), so the operands are converted and dx converted back.
     layout = torch.channels_last
@@ -85,16 +86,20 @@ def _shift_into(cols, dy, padding, dilation):
                 cols[:, :, a, b, u0:u1, v0:v1] = dy[:, :, u0 + oa : u1 + oa, v0 + ob : v1 + ob]
 
 
-def _compacted_shifts(dy, x, w, padding, dilation, need_dx, need_dw):
+def _compacted_shifts(grad_output, kept, x, w, padding, dilation, need_dx, need_dw):
     # Stride 1: both gradients are GEMMs against the shifted copies of the small dy[:, S] (k channels), so the
     # large x and dx are read and written in their own layout, NCHW or channels-last (no conversions, no
     # im2col of x): dx[n] = W[S]^T (C_in, k kh kw) @ cols[n], dW[S] (k kh kw, C_in) = sum_n cols[n] @ x[n]^T.
-    # The shifted copies of a chunk of examples go into one zeroed buffer reused for every chunk, laid out
-    # (chunk, k kh kw, H W) for NCHW and (chunk, H W, kh kw k) for channels-last.
+    # A chunk of examples at a time: its kept channels are gathered into one small buffer and their shifted
+    # copies into another (zeroed once), both reused for every chunk (fresh buffers as large as dy[:, S] cost
+    # more in first-touch page faults than the copies); the shift buffer is laid out (chunk, k kh kw, H W) for
+    # NCHW and (chunk, H W, kh kw k) for channels-last.
     n, c_in = x.shape[:2]
     k, kernel, size = w.shape[0], w.shape[2:], x.shape[2:]
     area, taps = size[0] * size[1], k * kernel[0] * kernel[1]
     last = _channels_last(x)
+    dy = grad_output.permute(0, 2, 3, 1) if _channels_last(grad_output) else grad_output  # gathered along `dim`
+    dim = 3 if dy is not grad_output else 1
     # taps ordered (k, kh, kw) for NCHW, (kh, kw, k) for channels-last (copies of k contiguous channels)
     wt = w.permute(1, 2, 3, 0) if last else w.permute(1, 0, 2, 3)
     wt = wt.reshape(c_in, taps)
@@ -104,6 +109,7 @@ def _compacted_shifts(dy, x, w, padding, dilation, need_dx, need_dw):
         dxs = dx.permute(0, 2, 3, 1).view(n, area, c_in) if last else dx.view(n, c_in, area)
     dws = torch.zeros((taps, c_in), dtype=accumulate_dtype(dy.dtype), device=dy.device) if need_dw else None
     chunk = min(n, max(1, SHIFTS_BUDGET // (taps * area * dy.element_size())))
+    gathered = dy.new_empty((chunk, *dy.shape[1:dim], k, *dy.shape[dim + 1 :]))
     if last:
         flat = dy.new_zeros((chunk, *size, *kernel, k))
         buf = flat.permute(0, 5, 3, 4, 1, 2)  # (chunk, k, kh, kw, H, W) view
@@ -111,7 +117,8 @@ def _compacted_shifts(dy, x, w, padding, dilation, need_dx, need_dw):
         flat = buf = dy.new_zeros((chunk, k, *kernel, *size))
     for s in range(0, n, chunk):
         m = min(chunk, n - s)
-        _shift_into(buf[:m], dy[s : s + chunk], padding, dilation)
+        part = torch.index_select(dy[s : s + m], dim, kept, out=gathered[:m])
+        _shift_into(buf[:m], part.permute(0, 3, 1, 2) if dim == 3 else part, padding, dilation)
         cols = flat[:m].view(m, area, taps).transpose(1, 2) if last else flat[:m].view(m, taps, area)
         if need_dx:
             if last:
@@ -126,7 +133,8 @@ def _compacted_shifts(dy, x, w, padding, dilation, need_dx, need_dw):
     return dx, dws
 
 
-def _compacted_unfold(dy, x, w, stride, padding, dilation, need_dx, need_dw):
+def _compacted_unfold(grad_output, kept, x, w, stride, padding, dilation, need_dx, need_dw):
+    dy = _gather_channels(grad_output, kept)
     acc = accumulate_dtype(dy.dtype)
     n, k = dy.shape[:2]
     kernel = w.shape[2:]
@@ -161,10 +169,9 @@ def conv2d_backward(
     convolution kernels on the compacted operands) or ``"reference"`` (the im2col products).
     """
     kept = kept.sort().values
-    dy = _gather_channels(grad_output, kept)
     w = weight.index_select(0, kept)
     fn = _compacted_unfold if backend == "reference" else _compacted_aten
-    dx, dw_kept = fn(dy, input, w, list(stride), list(padding), list(dilation), input_grad, weight_grad)
+    dx, dw_kept = fn(grad_output, kept, input, w, list(stride), list(padding), list(dilation), input_grad, weight_grad)
     dw = None
     if weight_grad:
         dw = weight.new_zeros(weight.shape).index_copy_(0, kept, dw_kept.to(weight.dtype))

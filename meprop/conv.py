@@ -43,7 +43,8 @@ CONV_BACKENDS = ("reference", "cpu", "cuda")
 
 
 def _compacted_aten(grad_output, kept, x, w, stride, padding, dilation, need_dx, need_dw):
-    if x.device.type == "cpu" and list(stride) == [1, 1] and (x.is_contiguous() or _channels_last(x)):
+    shifts = x.shape[1:].numel() >= SHIFTS_MIN_INPUT and (x.is_contiguous() or _channels_last(x))
+    if x.device.type == "cpu" and list(stride) == [1, 1] and shifts:
         return _compacted_shifts(grad_output, kept, x, w, padding, dilation, need_dx, need_dw)
     dy = _gather_channels(grad_output, kept)
     # oneDNN runs these k-channel convolutions several times faster in the channels-last layout than in NCHW
@@ -68,6 +69,10 @@ def _compacted_aten(grad_output, kept, x, w, stride, padding, dilation, need_dx,
 
 # Bytes of shifted dy copies built at once by _compacted_shifts (a chunk of examples; at least one example).
 SHIFTS_BUDGET = 4 << 20
+# Smallest input per example (C_in * H * W) for which the CPU backward takes _compacted_shifts: below it the
+# layout conversions of the oneDNN path are cheap and its convolutions win (benchmarks/conv2d_paths.py;
+# results/conv2d-paths-cpu.json: 1x28x28 and 32x14x14 are faster through oneDNN, 64x32x32 through the shifts).
+SHIFTS_MIN_INPUT = 16384
 
 
 def _shift_into(cols, dy, padding, dilation):

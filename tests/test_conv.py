@@ -9,6 +9,13 @@ from torch import nn
 import meprop
 
 
+@pytest.fixture(autouse=True, params=["shifts", "onednn"])
+def cpu_path(request, monkeypatch):
+    """Every test runs on both CPU backward paths (the shifted-copies GEMMs and the oneDNN convolutions)."""
+    monkeypatch.setattr(meprop.conv, "SHIFTS_MIN_INPUT", 0 if request.param == "shifts" else 2**62)
+    return request.param
+
+
 def oracle_grads(dense: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, k: int):
     """Autograd through nn.Conv2d with a hook masking dy to its top-k channels (by sum |dy|); dense db."""
     x = x.detach().clone().requires_grad_()

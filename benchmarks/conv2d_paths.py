@@ -1,0 +1,59 @@
+"""The two CPU backward paths of meprop.Conv2d (stride 1) side by side, to place ``SHIFTS_MIN_INPUT``.
+
+Per geometry (batch 64, 3x3, padding 1; the MNIST CNN's layers and the ResNet-like layer), the k-channel
+products ``dx`` and ``dW[S]`` through the shifted-copies GEMMs (``meprop.conv`` with the threshold at 0) and
+through oneDNN's convolutions in channels-last (threshold above any input), interleaved; writes
+``benchmarks/results/conv2d-paths-<device>.json``.
+
+    python benchmarks/conv2d_paths.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import meprop.conv as conv  # noqa: E402
+from speed import describe_machine  # noqa: E402  (benchmarks/speed.py)
+from timing import compare, interleaved  # noqa: E402  (benchmarks/timing.py)
+
+# (C_in, C_out, H = W, k)
+GEOMETRIES = [(1, 32, 28, 4), (1, 32, 28, 16), (32, 64, 14, 8), (32, 64, 14, 32), (64, 64, 32, 8), (64, 64, 32, 32)]
+PATHS = {"shifts": 0, "onednn": 2**62}
+
+
+def products(path, dy, kept, x, w_kept, need_dx):
+    conv.SHIFTS_MIN_INPUT = PATHS[path]
+    return conv._compacted_aten(dy, kept, x, w_kept, [1, 1], [1, 1], [1, 1], need_dx, True)
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    rows, saved = [], conv.SHIFTS_MIN_INPUT
+    for c_in, c_out, size, k in GEOMETRIES:
+        x, dy = torch.randn(64, c_in, size, size), torch.randn(64, c_out, size, size)
+        kept = torch.randperm(c_out)[:k].sort().values
+        w_kept = torch.randn(c_out, c_in, 3, 3)[kept].contiguous()
+        need_dx = c_in > 1  # a first layer needs no dx
+        cases = {p: (lambda p=p: products(p, dy, kept, x, w_kept, need_dx)) for p in PATHS}
+        t = interleaved(cases, rounds=3, min_run_time=0.2)
+        c = compare(t["onednn"], t["shifts"])
+        rows.append(dict(c_in=c_in, c_out=c_out, size=size, k=k, dx=need_dx, shifts_ms=t["shifts"].median * 1e3,
+                         onednn_ms=t["onednn"].median * 1e3, onednn_over_shifts=c["ratio"],
+                         range=[c["ratio_min"], c["ratio_max"]]))
+        print(f"C_in {c_in:3d} C_out {c_out:3d} {size}x{size} k={k:3d}: shifts {rows[-1]['shifts_ms']:7.2f} ms, "
+              f"oneDNN {rows[-1]['onednn_ms']:7.2f} ms, oneDNN/shifts {c['ratio']:.2f}", flush=True)
+    conv.SHIFTS_MIN_INPUT = saved
+    device = "cpu"
+    out = Path(__file__).resolve().parent / "results" / f"conv2d-paths-{device}.json"
+    out.write_text(json.dumps(dict(machine=describe_machine(torch.device(device)), batch=64, results=rows), indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,9 +1,8 @@
 """The two CPU backward paths of meprop.Conv2d (stride 1) side by side, to place ``SHIFTS_MIN_INPUT``.
 
 Per geometry (batch 64, 3x3, padding 1; the MNIST CNN's layers and the ResNet-like layer), the k-channel
-products ``dx`` and ``dW[S]`` through the shifted-copies GEMMs (``meprop.conv`` with the threshold at 0) and
-through oneDNN's convolutions in channels-last (threshold above any input), interleaved; writes
-``benchmarks/results/conv2d-paths-<device>.json``.
+products ``dx`` and ``dW[S]`` through the shifted-copies GEMMs and through oneDNN's convolutions in
+channels-last, interleaved; writes ``benchmarks/results/conv2d-paths-cpu.json``.
 
     python benchmarks/conv2d_paths.py
 """
@@ -24,23 +23,22 @@ from timing import compare, interleaved  # noqa: E402  (benchmarks/timing.py)
 
 # (C_in, C_out, H = W, k)
 GEOMETRIES = [(1, 32, 28, 4), (1, 32, 28, 16), (32, 64, 14, 8), (32, 64, 14, 32), (64, 64, 32, 8), (64, 64, 32, 32)]
-PATHS = {"shifts": 0, "onednn": 2**62}
-
-
-def products(path, dy, kept, x, w_kept, need_dx):
-    conv.SHIFTS_MIN_INPUT = PATHS[path]
-    return conv._compacted_aten(dy, kept, x, w_kept, [1, 1], [1, 1], [1, 1], need_dx, True)
+# The k-channel products dx, dW[S] of each path (stride 1, padding 1, no dilation).
+PATHS = {
+    "shifts": lambda dy, kept, x, w, need_dx: conv._compacted_shifts(dy, kept, x, w, [1, 1], [1, 1], need_dx, True),
+    "onednn": lambda dy, kept, x, w, need_dx: conv._compacted_aten(dy, kept, x, w, [1, 1], [1, 1], [1, 1], need_dx, True),
+}
 
 
 def main() -> None:
     torch.manual_seed(0)
-    rows, saved = [], conv.SHIFTS_MIN_INPUT
+    rows = []
     for c_in, c_out, size, k in GEOMETRIES:
         x, dy = torch.randn(64, c_in, size, size), torch.randn(64, c_out, size, size)
         kept = torch.randperm(c_out)[:k].sort().values
         w_kept = torch.randn(c_out, c_in, 3, 3)[kept].contiguous()
         need_dx = c_in > 1  # a first layer needs no dx
-        cases = {p: (lambda p=p: products(p, dy, kept, x, w_kept, need_dx)) for p in PATHS}
+        cases = {name: (lambda f=f: f(dy, kept, x, w_kept, need_dx)) for name, f in PATHS.items()}
         t = interleaved(cases, rounds=3, min_run_time=0.2)
         c = compare(t["onednn"], t["shifts"])
         rows.append(dict(c_in=c_in, c_out=c_out, size=size, k=k, dx=need_dx, shifts_ms=t["shifts"].median * 1e3,
@@ -48,10 +46,8 @@ def main() -> None:
                          range=[c["ratio_min"], c["ratio_max"]]))
         print(f"C_in {c_in:3d} C_out {c_out:3d} {size}x{size} k={k:3d}: shifts {rows[-1]['shifts_ms']:7.2f} ms, "
               f"oneDNN {rows[-1]['onednn_ms']:7.2f} ms, oneDNN/shifts {c['ratio']:.2f}", flush=True)
-    conv.SHIFTS_MIN_INPUT = saved
-    device = "cpu"
-    out = Path(__file__).resolve().parent / "results" / f"conv2d-paths-{device}.json"
-    out.write_text(json.dumps(dict(machine=describe_machine(torch.device(device)), batch=64, results=rows), indent=1))
+    out = Path(__file__).resolve().parent / "results" / "conv2d-paths-cpu.json"
+    out.write_text(json.dumps(dict(machine=describe_machine(torch.device("cpu")), batch=64, results=rows), indent=1))
     print(f"wrote {out}")
 
 

@@ -8,9 +8,9 @@ convolution with ``k`` output channels, not a dense product with a mask:
 
 - ``backend=None``, ``"cpu"`` or ``"cuda"``: ATen kernels on the compacted operands ``dy[:, S]``
   (``(N, k, H, W)``) and ``W[S]`` (``(k, C_in, kh, kw)``); no meprop C++ op is added. On CPU with stride 1
-  (NCHW or channels-last): two GEMMs against shifted copies of the small ``dy[:, S]`` (one strided copy per
+  (NCHW or channels-last) and at least ``SHIFTS_MIN_INPUT`` input values per example: two GEMMs against shifted copies of the small ``dy[:, S]`` (one strided copy per
   kernel tap, a chunk of examples at a time), ``dx[n] = W[S]^T cols[n]`` and ``dW[S] = sum_n cols[n] x[n]^T``,
-  so ``x`` and ``dx`` stay in their own layout. Otherwise (CUDA, stride > 1): ``dx`` is the transposed
+  so ``x`` and ``dx`` stay in their own layout. Otherwise (CUDA, stride > 1, small inputs): ``dx`` is the transposed
   convolution of ``dy[:, S]`` by ``W[S]``, ``dW[S]`` ``convolution_backward``'s weight gradient, both in the
   channels-last layout (oneDNN / cuDNN kernels for a ``k``-channel convolution).
 - ``backend="reference"``: the same products written over the im2col view, in pure PyTorch: ``cols =
@@ -43,9 +43,6 @@ CONV_BACKENDS = ("reference", "cpu", "cuda")
 
 
 def _compacted_aten(grad_output, kept, x, w, stride, padding, dilation, need_dx, need_dw):
-    shifts = x.shape[1:].numel() >= SHIFTS_MIN_INPUT and (x.is_contiguous() or _channels_last(x))
-    if x.device.type == "cpu" and list(stride) == [1, 1] and shifts:
-        return _compacted_shifts(grad_output, kept, x, w, padding, dilation, need_dx, need_dw)
     dy = _gather_channels(grad_output, kept)
     # oneDNN runs these k-channel convolutions several times faster in the channels-last layout than in NCHW
     # (measured: batch 64, 64 channels, 32x32, k=8), so the operands are converted and dx converted back.
@@ -73,6 +70,13 @@ SHIFTS_BUDGET = 4 << 20
 # layout conversions of the oneDNN path are cheap and its convolutions win (benchmarks/conv2d_paths.py;
 # results/conv2d-paths-cpu.json: 1x28x28 and 32x14x14 are faster through oneDNN, 64x32x32 through the shifts).
 SHIFTS_MIN_INPUT = 16384
+
+
+def _takes_shifts(x: torch.Tensor, stride) -> bool:
+    """Whether the backward of ``x (N, C_in, H, W)`` runs _compacted_shifts: CPU, stride 1, NCHW or channels-last,
+    at least ``SHIFTS_MIN_INPUT`` values per example."""
+    return (x.device.type == "cpu" and list(stride) == [1, 1] and x.shape[1:].numel() >= SHIFTS_MIN_INPUT
+            and (x.is_contiguous() or _channels_last(x)))
 
 
 def _shift_into(cols, dy, padding, dilation):
@@ -175,8 +179,13 @@ def conv2d_backward(
     """
     kept = kept.sort().values
     w = weight.index_select(0, kept)
-    fn = _compacted_unfold if backend == "reference" else _compacted_aten
-    dx, dw_kept = fn(grad_output, kept, input, w, list(stride), list(padding), list(dilation), input_grad, weight_grad)
+    stride, padding, dilation = list(stride), list(padding), list(dilation)
+    if backend == "reference":
+        dx, dw_kept = _compacted_unfold(grad_output, kept, input, w, stride, padding, dilation, input_grad, weight_grad)
+    elif _takes_shifts(input, stride):
+        dx, dw_kept = _compacted_shifts(grad_output, kept, input, w, padding, dilation, input_grad, weight_grad)
+    else:
+        dx, dw_kept = _compacted_aten(grad_output, kept, input, w, stride, padding, dilation, input_grad, weight_grad)
     dw = None
     if weight_grad:
         dw = weight.new_zeros(weight.shape).index_copy_(0, kept, dw_kept.to(weight.dtype))

@@ -8,8 +8,8 @@ keeps each run's summary in benchmarks/results/al.json, and writes al.md (mean +
 
 A row is a data set, a model and an architecture (``--arch compact`` or ``seed``); AL and BP train with the
 same options, are tested on the model of their best validation epoch (validation split, or 10% held out of
-train for MNIST and sst2), one torch thread per run. Runs already in al.json are skipped (``--force`` redoes
-them); ``--budget SECONDS`` stops starting new runs after that time, so a campaign can be split into pieces.
+train for MNIST and sst2), one torch thread per run. Runs already in al.json with the same command are skipped
+(``--force`` redoes them; a changed row setting reruns its runs); ``--budget SECONDS`` stops starting new runs after that time, so a campaign can be split into pieces.
 """
 
 from __future__ import annotations
@@ -34,21 +34,22 @@ RESULTS = ROOT / "benchmarks" / "results"
 DATA = Path(os.environ.get("MEPROP_DATA", ROOT.parent / "shared" / "data"))
 GLOVE = "vectors/glove.6B.50d.top5k_rounded6.txt"
 METHODS = ("al", "bp")
+OLD_MACHINE = "AMD EPYC (x86_64), 2 cores, torch 2.13.0+cpu"  # runs recorded before runs carried their machine
 
 MNIST = ["--dataset", "mnist", "--valid-fraction", "0.1", "--batch-size", "64"]
 TEXT = ["--vocab-size", "10000", "--batch-size", "32", "--embeddings", "$MEPROP_DATA/" + GLOVE]
 SEED_TR = ["--heads", "5", "--feedforward", "256", "--autoencoder-lr", "5e-4"]  # 50-d GloVe: 5 heads of 10
 COMPACT_TR = ["--d-model", "64", "--heads", "4", "--feedforward", "128"]
 DATASETS = {  # dataset -> extra options (data scaled down; see SCALED)
-    "rotten_tomatoes": ["--dataset", "rotten_tomatoes", "--max-len", "29", "--train-limit", "4000", "--epochs", "6"],
-    "emotion": ["--dataset", "emotion", "--max-len", "57", "--train-limit", "4000", "--epochs", "14"],
+    "rotten_tomatoes": ["--dataset", "rotten_tomatoes", "--max-len", "29", "--train-limit", "4000", "--epochs", "12"],
+    "emotion": ["--dataset", "emotion", "--max-len", "57", "--train-limit", "4000", "--epochs", "25"],
     "sst2": ["--dataset", "sst2", "--max-len", "57", "--train-limit", "4000", "--valid-fraction", "0.1",
-             "--epochs", "6"],
+             "--epochs", "12"],
 }
 ROWS = {
-    "mnist-mlp-compact": [*MNIST, "--model", "mlp", "--hidden", "256", "--components", "3", "--epochs", "4",
+    "mnist-mlp-compact": [*MNIST, "--model", "mlp", "--hidden", "256", "--components", "3", "--epochs", "10",
                           "--train-limit", "20000"],
-    "mnist-cnn-compact": [*MNIST, "--model", "cnn", "--channels", "16,32,64", "--epochs", "6",
+    "mnist-cnn-compact": [*MNIST, "--model", "cnn", "--channels", "16,32,64", "--epochs", "15",
                           "--train-limit", "8000"],
 }
 for _name, _data in DATASETS.items():
@@ -57,10 +58,10 @@ for _name, _data in DATASETS.items():
     ROWS[f"{_name}-lstm-compact"] = [*_data, *TEXT, "--model", "lstm", "--hidden", "64"]
     ROWS[f"{_name}-transformer-compact"] = [*_data, *TEXT, "--model", "transformer", *COMPACT_TR]
 SCALED = (
-    "MNIST: MLP 3 components x 256 units, 20,000 training images, 4 epochs; CNN 3 conv components (16/32/64 "
-    "channels), 8,000 training images, 6 epochs; 10% of the training images held out for validation. Text: "
-    "4,000 training texts of each data set (rotten_tomatoes has 8,530, emotion 16,000, sst2 67,349), 6 epochs "
-    "(emotion: 14; both methods were still rising steeply at epoch 6), "
+    "MNIST: MLP 3 components x 256 units, 20,000 training images, 10 epochs; CNN 3 conv components (16/32/64 "
+    "channels), 8,000 training images, 15 epochs; 10% of the training images held out for validation. Text: "
+    "4,000 training texts of each data set (rotten_tomatoes has 8,530, emotion 16,000, sst2 67,349), 12 epochs "
+    "(emotion: 25; at half these budgets both methods were still rising), "
     "batch 32, GloVe 50-d limited to the 5,050 most frequent words (the seed: 300-d GloVe, so the seed "
     "Transformer's d_model is 50 with 5 heads instead of 300 with 4), vocabulary 10,000, max_len in tokens from "
     "the seed's presets (rotten_tomatoes 29; emotion and sst2 57); seed LSTM l1_dim 64 (seed presets: 256), "
@@ -112,7 +113,8 @@ def one_run(row: str, method: str, seed: int) -> dict:
         "test_examples": summary["test_examples"],
         "parameters": summary["parameters"],
         "seconds": round(time.perf_counter() - t0, 1),
-        "command": "python -m al.train " + " ".join(argv),
+        "command": command_for(row, method, seed),
+        "machine": _machine(),
         "date_utc": started.strftime("%Y-%m-%d %H:%M"),
     }
 
@@ -121,7 +123,7 @@ def campaign(patterns, seeds, jobs, budget, force) -> None:
     data = load()
     rows = [r for r in ROWS if any(fnmatch.fnmatch(r, p) for p in patterns)]
     todo = [(r, m, s) for r in rows for s in seeds for m in METHODS
-            if force or run_key(r, m, s) not in data["runs"]]
+            if force or data["runs"].get(run_key(r, m, s), {}).get("command") != command_for(r, m, s)]
     print(f"{len(todo)} runs to do", file=sys.stderr)
     deadline = time.monotonic() + budget if budget else None
 
@@ -136,12 +138,20 @@ def campaign(patterns, seeds, jobs, budget, force) -> None:
                 continue
             data = load()
             data["runs"][run_key(row, method, seed)] = record
-            data["machine"] = (f"{_cpu_name()} ({platform.machine()}), {os.cpu_count()} cores shared with other "
-                               f"sessions' light work, torch {version('torch')}, 1 torch thread per run, {jobs} runs at a time")
+            data["runs_at_a_time"] = jobs
+            data.pop("machine", None)  # each run now records its own
             data["scaled_down"] = SCALED
             save(data)
             print(f"{run_key(row, method, seed)}: test {record['test_accuracy']:.4f} (epoch "
                   f"{record['selected_epoch']}), {record['seconds']} s", file=sys.stderr, flush=True)
+
+
+def command_for(row: str, method: str, seed: int) -> str:
+    return "python -m al.train " + " ".join(argv_for(row, method, seed))
+
+
+def _machine() -> str:
+    return f"{_cpu_name()} ({platform.machine()}), {os.cpu_count()} cores, torch {version('torch')}"
 
 
 def _cpu_name() -> str:
@@ -152,13 +162,19 @@ def _cpu_name() -> str:
         return platform.processor() or "CPU"
 
 
+def current_runs(data: dict, row: str, method: str) -> list[dict]:
+    """The row's runs for one method made with today's settings (a run from an older budget is left out)."""
+    return [v for k, v in sorted(data["runs"].items())
+            if k.startswith(f"{row}/{method}/") and v["command"] == command_for(row, method, int(k.rsplit("seed", 1)[1]))]
+
+
 def aggregate(data: dict) -> list[dict]:
     """Per row and method: mean and std (sample, n-1) of the selected models' test accuracy over seeds."""
     out = []
     for row in ROWS:
         entry = {"row": row}
         for method in METHODS:
-            runs = [v for k, v in sorted(data["runs"].items()) if k.startswith(f"{row}/{method}/")]
+            runs = current_runs(data, row, method)
             acc = [100 * r["test_accuracy"] for r in runs]
             entry[method] = {"n": len(acc), "mean": statistics.mean(acc) if acc else None,
                              "std": statistics.stdev(acc) if len(acc) > 1 else None,
@@ -182,11 +198,13 @@ def report() -> None:
         diff = f"{r['al_minus_bp']:+.2f}" if "al_minus_bp" in r else "—"
         lines.append(f"| {r['row']} | {fmt(r['al'])} | {fmt(r['bp'])} | {diff} | {r['al']['n']}/{r['bp']['n']} |")
     done = [r for r in rows if "al_minus_bp" in r]
+    used = [run for row in ROWS for m in METHODS for run in current_runs(data, row, m)]
     text = "\n".join(lines) + "\n\n" + (
         f"{sum(r['al_minus_bp'] >= -0.5 for r in done)} of {len(done)} rows AL >= BP - 0.5; "
         f"{sum(r['al_minus_bp'] >= 0 for r in done)} of {len(done)} AL >= BP.\n\n"
-        f"Measured {min(r['date_utc'] for r in data['runs'].values())} to "
-        f"{max(r['date_utc'] for r in data['runs'].values())} UTC on {data.get('machine', '?')}. Test accuracy of "
+        f"Measured {min(r['date_utc'] for r in used)} to {max(r['date_utc'] for r in used)} UTC on "
+        f"{'; '.join(sorted({r.get('machine', OLD_MACHINE) for r in used}))}; 1 torch thread per run, "
+        f"{data.get('runs_at_a_time', 2)} runs at a time. Test accuracy of "
         f"each run's best validation epoch, mean ± sample std over the seeds. Scaled down: {SCALED}\n")
     (RESULTS / "al.md").write_text("# AL vs BP (benchmarks/al_results.py)\n\n" + text)
     print(text)

@@ -85,3 +85,34 @@ def test_real_models_text_run_writes_json(tmp_path):
     runs = json.loads((tmp_path / "real_models-text.json").read_text())["runs"]
     assert [r["variant"] for r in runs] == ["dense", "adaptive", "feedback"]
     assert runs[1]["mean_k"] and all(0 <= r["accuracy"] <= 100 for r in runs)
+
+
+def test_al_results_reruns_only_runs_whose_settings_changed(tmp_path, monkeypatch):
+    """A run is kept while its stored command is today's; a changed row setting reruns it, and the report
+    counts only current runs."""
+    import al_results
+
+    monkeypatch.setattr(al_results, "RESULTS", tmp_path)
+    monkeypatch.setattr(al_results, "ROWS", {"a": ["--epochs", "2"], "b": ["--epochs", "3"]})
+    calls = []
+
+    def fake_run(row, method, seed):
+        calls.append((row, method, seed))
+        return {"test_accuracy": 0.5 + 0.1 * (method == "al"), "command": al_results.command_for(row, method, seed),
+                "date_utc": "2026-12-02 00:00", "machine": "test", "validation_curve": [0.5],
+                "selected_epoch": 1, "seconds": 0.0}
+
+    monkeypatch.setattr(al_results, "one_run", fake_run)
+    al_results.campaign(["a"], [0, 1], jobs=1, budget=None, force=False)
+    assert sorted(calls) == sorted((r, m, s) for r in "a" for m in ("al", "bp") for s in (0, 1))
+    calls.clear()
+    al_results.campaign(["*"], [0, 1], jobs=1, budget=None, force=False)
+    assert {c[0] for c in calls} == {"b"}  # row a is current: not redone
+    calls.clear()
+    monkeypatch.setitem(al_results.ROWS, "a", ["--epochs", "4"])  # a longer budget for row a
+    stale = al_results.aggregate(al_results.load())
+    assert stale[0]["al"]["n"] == 0 and stale[1]["al"]["n"] == 2  # row a's old runs are not counted
+    al_results.campaign(["*"], [0, 1], jobs=1, budget=None, force=False)
+    assert {c[0] for c in calls} == {"a"} and len(calls) == 4
+    summary = al_results.aggregate(al_results.load())
+    assert summary[0]["al"]["n"] == 2 and abs(summary[0]["al_minus_bp"] - 10) < 1e-9

@@ -196,6 +196,35 @@ inline void batch_sizes(const char* op, at::IntArrayRef sizes, int64_t steps, in
                       ": batch_sizes must be non-increasing in [0, ", batch, "], got ", sizes);
 }
 
+// lstm_forward: the checks of meprop/opdefs.py's _lstm_forward, in its order.
+inline void lstm_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& weight_ih,
+                         const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias,
+                         at::OptionalIntArrayRef sizes) {
+  constexpr const char* op = "lstm_forward";
+  matrix(op, "weight_ih", weight_ih);
+  matrix(op, "weight_hh", weight_hh);
+  like(op, "weight_hh", weight_hh, "weight_ih", weight_ih);
+  const std::pair<const char*, const at::Tensor*> arrays[] = {{"x", &x}, {"h0", &h0}, {"c0", &c0}};
+  for (int i = 0; i < 3; ++i) {
+    array(op, arrays[i].first, *arrays[i].second, i == 0 ? 3 : 2);
+    like(op, arrays[i].first, *arrays[i].second, "weight_ih", weight_ih);
+  }
+  const int64_t steps = x.size(0), batch = x.size(1), hidden = weight_hh.size(1);
+  size_match(op, "weight_hh rows and 4 * hidden", weight_hh.size(0), 4 * hidden);
+  size_match(op, "weight_ih rows and weight_hh rows", weight_ih.size(0), weight_hh.size(0));
+  size_match(op, "x features and weight_ih columns", x.size(2), weight_ih.size(1));
+  using shape = at::IntArrayRef;
+  const std::vector<int64_t> last{batch, hidden};
+  size_match(op, "h0 shape and (batch, hidden)", h0.sizes(), shape(last));
+  size_match(op, "c0 shape and (batch, hidden)", c0.sizes(), shape(last));
+  if (bias.has_value()) {
+    array(op, "bias", *bias, 1);
+    like(op, "bias", *bias, "weight_ih", weight_ih);
+    size_match(op, "bias size and 4 * hidden", bias->size(0), 4 * hidden);
+  }
+  if (sizes.has_value()) batch_sizes(op, *sizes, steps, batch);
+}
+
 // lstm_backward: the checks of meprop/opdefs.py's _lstm_backward, in its order (index values by the kernels).
 inline void lstm_backward(const at::Tensor& dout, const at::Tensor& dh_n, const at::Tensor& dc_n, const at::Tensor& x,
                           const at::Tensor& h_prev, const at::Tensor& c_prev, const at::Tensor& gates,

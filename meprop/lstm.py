@@ -1,8 +1,8 @@
 """``meprop.LSTM``: a drop-in ``nn.LSTM`` whose BPTT keeps only the top-k entries of each step's gate gradient.
 
-The forward is ``nn.LSTM``'s (one input GEMM for the whole sequence, then a step loop over the recurrent
-GEMM), saving the activated gates and states; the backward of each layer and direction is one call of the op
-``lstm_backward`` (semantics: :mod:`meprop.lstm_reference`) on the chosen backend.
+Each layer and direction is one call of the op ``lstm_forward`` (``nn.LSTM``'s forward: one input GEMM for the
+whole sequence, then per step the recurrent GEMM and the cell, saving the activated gates and states) and, in
+backward, one call of ``lstm_backward`` (semantics of both: :mod:`meprop.lstm_reference`) on the chosen backend.
 
 ``k`` counts per gate by default (``k_scope="gate"``: each of the gates i, f, g, o keeps ``k`` of its ``H``
 entries, ``4k`` in all), as the paper states ``k`` against the hidden size (top-10 of an LSTM of 500, "k
@@ -19,42 +19,9 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import backends, functional
 
-__all__ = ["LSTM", "K_SCOPES", "lstm_layer_forward"]
+__all__ = ["LSTM", "K_SCOPES"]
 
 K_SCOPES = ("gate", "all")
-
-
-def lstm_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse: bool):
-    """One layer and direction of ``nn.LSTM`` over ``x (T, B, I)`` from ``h0, c0 (B, H)``.
-
-    ``batch_sizes``: rows taking part in each step (a non-increasing list, a PackedSequence's) or None; rows
-    not taking part carry their state. Returns ``(hs, cs, gates)``: ``hs, cs (T + 1, B, H)`` the states in
-    processing order's storage (forward: ``hs[t]`` before step t, ``hs[t + 1]`` after; reverse: ``hs[t + 1]``
-    before, ``hs[t]`` after) and ``gates (T, B, 4H)`` the activated gates (i, f, g, o) of every step.
-    """
-    steps, batch, _ = x.shape
-    hidden = w_hh.shape[1]
-    bias = None if b_ih is None else b_ih + b_hh
-    xw = F.linear(x, w_ih, bias)
-    hs, cs = x.new_empty((steps + 1, batch, hidden)), x.new_empty((steps + 1, batch, hidden))
-    gates = x.new_empty((steps, batch, 4 * hidden))
-    start = steps if reverse else 0
-    hs[start], cs[start] = h0, c0
-    w_hh_t = w_hh.t()
-    for t in range(steps - 1, -1, -1) if reverse else range(steps):
-        before, after = (t + 1, t) if reverse else (t, t + 1)
-        b = batch if batch_sizes is None else batch_sizes[t]
-        a = torch.addmm(xw[t, :b], hs[before, :b], w_hh_t)
-        g = gates[t, :b]
-        torch.sigmoid(a, out=g)
-        g[:, 2 * hidden : 3 * hidden] = torch.tanh(a[:, 2 * hidden : 3 * hidden])
-        i, f, gg, o = g.chunk(4, dim=1)
-        c = cs[after, :b]
-        torch.addcmul(f * cs[before, :b], i, gg, out=c)
-        torch.mul(o, torch.tanh(c), out=hs[after, :b])
-        if b < batch:
-            hs[after, b:], cs[after, b:] = hs[before, b:], cs[before, b:]
-    return hs, cs, gates
 
 
 def _random_idx(steps, batch, hidden, k, per_gate, per_example, generator, device):
@@ -68,11 +35,13 @@ def _random_idx(steps, batch, hidden, k, per_gate, per_example, generator, devic
 
 
 class _LSTMLayer(torch.autograd.Function):
-    """One layer and direction: ``nn.LSTM``'s forward, meProp's BPTT (one ``lstm_backward`` call)."""
+    """One layer and direction: ``nn.LSTM``'s forward (one ``lstm_forward`` call), meProp's BPTT (one
+    ``lstm_backward`` call)."""
 
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, k, per_gate, mode, backend, generator):
-        hs, cs, gates = lstm_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
+        bias = None if b_ih is None else b_ih + b_hh
+        hs, cs, gates = backends.get(backend).lstm_forward(x, h0, c0, w_ih, w_hh, bias, batch_sizes, reverse)
         steps = x.shape[0]
         out, h_prev, c_prev = (hs[:steps], hs[1:], cs[1:]) if reverse else (hs[1:], hs[:steps], cs[:steps])
         last = 0 if reverse else steps

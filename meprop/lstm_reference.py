@@ -1,4 +1,5 @@
-"""Pure-PyTorch reference of meProp's LSTM backward (``lstm_backward``): a readable per-step BPTT loop.
+"""Pure-PyTorch reference of meProp's LSTM ops: ``lstm_forward`` (``nn.LSTM``'s step loop, keeping the states
+and activated gates) and ``lstm_backward`` (a readable per-step BPTT loop).
 
 One layer and one direction of an ``nn.LSTM`` (gate order i, f, g, o). At step t the gate pre-activations are
 ``a_t = x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh``; in BPTT their gradient ``da_t (B, 4H)`` keeps only its
@@ -23,7 +24,50 @@ import torch
 from . import reference
 from .opdefs import OPS, accumulate_dtype
 
-__all__ = ["lstm_backward", "lstm_select"]
+__all__ = ["lstm_backward", "lstm_forward", "lstm_select"]
+
+
+def lstm_forward(
+    x: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    weight_ih: torch.Tensor,
+    weight_hh: torch.Tensor,
+    bias: torch.Tensor | None,
+    batch_sizes: list[int] | None,
+    reverse: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``nn.LSTM``'s forward of one layer and direction over ``x (T, B, I)`` from ``h0, c0 (B, H)``.
+
+    ``bias (4H,)``: ``b_ih + b_hh``, or None. ``batch_sizes``: rows taking part in each step (as in
+    lstm_backward), or None; rows not taking part carry their state. Returns ``(hs, cs, gates)`` in the inputs'
+    dtype (computed in the accumulation dtype): ``hs, cs (T + 1, B, H)`` the states in processing order's
+    storage (forward: ``hs[t]`` before step t, ``hs[t + 1]`` after; reverse: ``hs[t + 1]`` before, ``hs[t]``
+    after) and ``gates (T, B, 4H)`` the activated gates ``sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)`` (zero in
+    rows not taking part).
+    """
+    OPS["lstm_forward"].check(x, h0, c0, weight_ih, weight_hh, bias, batch_sizes, reverse)
+    acc = accumulate_dtype(x.dtype)
+    steps, batch, _ = x.shape
+    hidden = weight_hh.shape[1]
+    w_hh = weight_hh.to(acc)
+    xw = torch.nn.functional.linear(x.to(acc), weight_ih.to(acc), None if bias is None else bias.to(acc))
+    hs, cs = xw.new_empty((steps + 1, batch, hidden)), xw.new_empty((steps + 1, batch, hidden))
+    gates = xw.new_empty((steps, batch, 4 * hidden))
+    start = steps if reverse else 0
+    hs[start], cs[start] = h0.to(acc), c0.to(acc)
+    for t in range(steps - 1, -1, -1) if reverse else range(steps):
+        before, after = (t + 1, t) if reverse else (t, t + 1)
+        b = batch if batch_sizes is None else batch_sizes[t]
+        a = xw[t, :b] + hs[before, :b] @ w_hh.t()
+        i, f, g, o = a.chunk(4, dim=1)
+        i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+        gates[t, :b] = torch.cat([i, f, g, o], dim=1)
+        gates[t, b:] = 0
+        cs[after, :b] = f * cs[before, :b] + i * g
+        hs[after, :b] = o * cs[after, :b].tanh()
+        hs[after, b:], cs[after, b:] = hs[before, b:], cs[before, b:]
+    return hs.to(x.dtype), cs.to(x.dtype), gates.to(x.dtype)
 
 
 def lstm_select(da: torch.Tensor, k: int, per_gate: bool, per_example: bool) -> torch.Tensor:

@@ -213,6 +213,47 @@ _LSTM_BACKWARD = OpDef(
 )
 
 
+def _lstm_forward(x, h0, c0, weight_ih, weight_hh, bias, batch_sizes, reverse) -> None:
+    op = "lstm_forward"
+    checks.matrix(op, "weight_ih", weight_ih)
+    checks.matrix(op, "weight_hh", weight_hh)
+    checks.like(op, "weight_hh", weight_hh, "weight_ih", weight_ih)
+    for name, t, dims in (("x", x, 3), ("h0", h0, 2), ("c0", c0, 2)):
+        checks.array(op, name, t, dims)
+        checks.like(op, name, t, "weight_ih", weight_ih)
+    steps, batch, hidden = x.shape[0], x.shape[1], weight_hh.shape[1]
+    checks.size_match(op, "weight_hh rows and 4 * hidden", weight_hh.shape[0], 4 * hidden)
+    checks.size_match(op, "weight_ih rows and weight_hh rows", weight_ih.shape[0], weight_hh.shape[0])
+    checks.size_match(op, "x features and weight_ih columns", x.shape[2], weight_ih.shape[1])
+    for name, t in (("h0", h0), ("c0", c0)):
+        checks.size_match(op, f"{name} shape and (batch, hidden)", list(t.shape), [batch, hidden])
+    if bias is not None:
+        checks.array(op, "bias", bias, 1)
+        checks.like(op, "bias", bias, "weight_ih", weight_ih)
+        checks.size_match(op, "bias size and 4 * hidden", bias.shape[0], 4 * hidden)
+    if batch_sizes is not None:
+        checks.batch_sizes(op, batch_sizes, steps, batch)
+
+
+def _lstm_forward_shapes(x, h0, c0, weight_ih, weight_hh, *rest):
+    """(hs (T + 1, B, H), cs (T + 1, B, H), gates (T, B, 4H)) of lstm_forward."""
+    steps, batch, hidden = x.shape[0], x.shape[1], weight_hh.shape[1]
+    return (x.new_empty((steps + 1, batch, hidden)), x.new_empty((steps + 1, batch, hidden)),
+            x.new_empty((steps, batch, 4 * hidden)))
+
+
+_LSTM_FORWARD = OpDef(
+    "lstm_forward",
+    "(Tensor x, Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, Tensor? bias, int[]? batch_sizes, "
+    "bool reverse) -> (Tensor, Tensor, Tensor)",
+    _lstm_forward,
+    _lstm_forward_shapes,
+    "nn.LSTM's forward of one layer and direction for the whole sequence, keeping what meProp's BPTT needs: "
+    "(hs (T + 1, B, H), cs (T + 1, B, H), gates (T, B, 4H) activated); bias = b_ih + b_hh or None; see "
+    "meprop.lstm_reference.lstm_forward.",
+)
+
+
 def _table(*defs: OpDef) -> dict[str, OpDef]:
     return {d.name: d for d in defs}
 
@@ -295,6 +336,7 @@ OPS: dict[str, OpDef] = _table(
         lambda rows, idx, out_features: rows.new_empty((out_features, rows.shape[1])),
         "(out_features, in) holding rows[i] at row idx[i] (distinct) and zeros elsewhere.",
     ),
+    _LSTM_FORWARD,
     _LSTM_BACKWARD,
 )
 

@@ -37,6 +37,7 @@ __all__ = [
     "linear_backward_unified",
     "linear_backward_rows",
     "lstm_backward",
+    "lstm_forward",
 ]
 
 
@@ -224,5 +225,5 @@ def linear_backward_rows(
     return dx, dw, db, rows
 
 
-# The LSTM op's reference is a module of its own (a per-step loop over the functions above).
-from .lstm_reference import lstm_backward  # noqa: E402
+# The LSTM ops' reference is a module of its own (a per-step loop over the functions above).
+from .lstm_reference import lstm_backward, lstm_forward  # noqa: E402

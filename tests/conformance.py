@@ -149,7 +149,32 @@ def oracle(op: str, *args):
         return _oracle_backward(op, *args)
     if op == "lstm_backward":
         return _oracle_lstm(*f64)
+    if op == "lstm_forward":
+        return _oracle_lstm_forward(*f64)
     raise KeyError(op)
+
+
+def _oracle_lstm_forward(x, h0, c0, w_ih, w_hh, bias, sizes, reverse):
+    """lstm_forward row by row in float64 with torch.nn.LSTMCell's formulas (an independent step loop)."""
+    steps, batch, _ = x.shape
+    hidden = w_hh.shape[1]
+    hs, cs = torch.zeros(steps + 1, batch, hidden, dtype=torch.float64), torch.zeros(steps + 1, batch, hidden, dtype=torch.float64)
+    gates = torch.zeros(steps, batch, 4 * hidden, dtype=torch.float64)
+    start = steps if reverse else 0
+    hs[start], cs[start] = h0, c0
+    for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
+        before, after = (t + 1, t) if reverse else (t, t + 1)
+        for n in range(batch):
+            if sizes is not None and n >= sizes[t]:
+                hs[after, n], cs[after, n] = hs[before, n], cs[before, n]
+                continue
+            a = w_ih @ x[t, n] + w_hh @ hs[before, n] + (0 if bias is None else bias)
+            i, f, g, o = a.split(hidden)
+            i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+            gates[t, n] = torch.cat([i, f, g, o])
+            cs[after, n] = f * cs[before, n] + i * g
+            hs[after, n] = o * torch.tanh(cs[after, n])
+    return hs, cs, gates
 
 
 def _oracle_lstm(dout, dh_n, dc_n, x, h_prev, c_prev, gates, w_ih, w_hh, sizes, reverse, k, per_gate, per_example, idx):

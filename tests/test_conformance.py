@@ -88,6 +88,10 @@ def _cases(op: str, dtype, device, gen, limit):
             if n == SHAPES[1][0]:  # one LSTM shape: the step loop costs more than the other ops' cases
                 yield from _lstm_cases(dtype, gen, device)
             continue
+        if op == "lstm_forward":
+            if n == SHAPES[1][0]:
+                yield from _lstm_forward_cases(dtype, gen, device)
+            continue
         dy, x, w = (
             gaussian((n, out), dtype, gen, device),
             gaussian((n, n_in), dtype, gen, device),
@@ -152,6 +156,16 @@ def _lstm_cases(dtype, gen, device):
         yield (*tensors, [5, 3, 3, 2], True, 2, True, per_example, given)
 
 
+def _lstm_forward_cases(dtype, gen, device):
+    """Forward and reverse, with and without bias, packed (a step with no rows too), an empty hidden state."""
+    steps, batch, n_in, hidden = 4, 5, 7, 13
+    g = lambda *shape: (gaussian(shape, torch.float64, gen) * 0.5).to(dtype).to(device)  # noqa: E731
+    for reverse, sizes, bias in [(False, None, True), (True, [5, 4, 4, 1], True), (False, [5, 3, 1, 0], False),
+                                 (True, None, False)]:
+        yield (g(steps, batch, n_in), g(batch, hidden), g(batch, hidden), g(4 * hidden, n_in), g(4 * hidden, hidden),
+               g(4 * hidden) if bias else None, sizes, reverse)
+
+
 def _check_backward(op: str, got, args, want, dtype, device) -> None:
     names = ("dx", "dW", "db")
     asked = args[5:8]
@@ -172,7 +186,7 @@ def _check(op: str, got, args, dtype, device) -> None:
     if op in ("linear_backward_unified", "linear_backward_rows"):
         _check_backward(op, got, args, want, dtype, device)
         return
-    if op == "lstm_backward":
+    if op in ("lstm_backward", "lstm_forward"):
         for g, w in zip(got, want):
             assert_matches(g, w, dtype, device)
         return
@@ -475,6 +489,7 @@ def test_opcheck_every_op(backend_device):
         "linear_backward_unified": (dy, x, w, 4, None, True, True, True, False, False),
         "linear_backward_rows": (dy, x, w, 3, None, True, True, True, False, False),
         "lstm_backward": (*lstm_args(3, 2, 4, 5, torch.float32, gen, device), [2, 2, 1], True, 2, True, False, None),
+        "lstm_forward": next(_lstm_forward_cases(torch.float32, gen, device)),
     }
     assert set(args) == set(OP_NAMES)
     # torch.compile cannot trace Triton ops running in the interpreter (CPU tensors): skip that part there.

@@ -209,6 +209,28 @@ def test_topk_gradients_equal_the_oracle(backend_device, mode, scope, packing):
             assert torch.equal(got["x"][t, b:], torch.zeros_like(got["x"][t, b:]))
 
 
+def test_cpu_kernels_write_every_element_of_large_outputs():
+    """Outputs of 1 MB and more come from reused blocks (large_alloc.h): a second call, packed with an empty
+    step, must overwrite all of the first call's values (its zeros included)."""
+    if backends.get("cpu").error:
+        pytest.skip(backends.get("cpu").error)
+    cpu, ref = backends.get("cpu"), backends.get("reference")
+    steps, batch, n_in, hidden = 8, 64, 512, 128  # dx, dW_ih 1 MB; gates 2 MB
+    gen = torch.Generator().manual_seed(3)
+    for sizes, reverse, k in ((None, False, 3), ([64, 40, 40, 9, 9, 9, 1, 0], True, 2), (None, True, 128)):
+        g = lambda *shape: torch.randn(*shape, generator=gen) * 0.3  # noqa: E731
+        forward = (g(steps, batch, n_in), g(batch, hidden), g(batch, hidden), g(4 * hidden, n_in),
+                   g(4 * hidden, hidden), g(4 * hidden), sizes, reverse)
+        for got, want in zip(cpu.lstm_forward(*forward), ref.lstm_forward(*forward)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        hs, cs, gates = ref.lstm_forward(*forward)
+        h_prev, c_prev = (hs[1:], cs[1:]) if reverse else (hs[:steps], cs[:steps])
+        backward = (g(steps, batch, hidden), g(batch, hidden), g(batch, hidden), forward[0], h_prev, c_prev, gates,
+                    forward[3], forward[4], sizes, reverse, k, True, False, None)
+        for got, want in zip(cpu.lstm_backward(*backward), ref.lstm_backward(*backward)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_module_gradients_equal_the_oracle_two_layers_bidirectional_packed():
     torch.manual_seed(5)
     model = meprop.LSTM(4, 6, num_layers=2, bidirectional=True, k=2, dtype=torch.float64)

@@ -15,7 +15,7 @@ import torch
 
 from meprop.opdefs import OP_NAMES
 
-from . import lstm as _lstm  # noqa: F401  (registers torch.ops.meprop_triton.lstm_backward)
+from . import lstm as _lstm  # noqa: F401  (registers torch.ops.meprop_triton.lstm_forward, lstm_backward)
 from . import ops as _ops  # noqa: F401  (registers torch.ops.meprop_triton.*)
 from ._runtime import DTYPES, INTERPRETED, MAX_K, NAMESPACE
 

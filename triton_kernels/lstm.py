@@ -1,13 +1,80 @@
-"""``lstm_backward`` on the Triton backend: the step loop in Python, each step's selection and products on the
-Triton ops of :mod:`.ops` (semantics: ``meprop.lstm_reference``); the elementwise gate gradient in PyTorch.
-Computed in float32 (the Triton kernels' accumulation type) and returned in the inputs' dtype."""
+"""The LSTM ops on the Triton backend (semantics: ``meprop.lstm_reference``), the step loop in Python.
+
+``lstm_forward``: each step's recurrent GEMM in PyTorch, the cell (gate activations, c_t, h_t) one Triton kernel.
+``lstm_backward``: each step's selection and products on the Triton ops of :mod:`.ops`; the elementwise gate
+gradient in PyTorch. Computed in float32 (the Triton kernels' accumulation type), returned in the inputs' dtype."""
 
 from typing import Optional
 
 import torch
+import triton
+import triton.language as tl
 
 from . import ops
-from ._runtime import library_op
+from ._runtime import launch, library_op
+
+_CELL_BLOCK = 256
+
+
+@triton.jit
+def lstm_cell_kernel(gates_ptr, h_prev_ptr, c_prev_ptr, h_ptr, c_ptr, batch, b, hidden, BLOCK: tl.constexpr):
+    """One program per BLOCK (row, unit) pairs of gates (batch, 4H): rows < b activate their pre-activations in
+    place and write c and h; rows >= b carry their state and get zero gates."""
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = e < batch * hidden
+    n, j = e // hidden, e % hidden
+    live = inside & (n < b)
+    g = gates_ptr + n * 4 * hidden + j
+    i = tl.sigmoid(tl.load(g, mask=live, other=0.0))
+    f = tl.sigmoid(tl.load(g + hidden, mask=live, other=0.0))
+    a = tl.load(g + 2 * hidden, mask=live, other=0.0)
+    gg = 2.0 * tl.sigmoid(2.0 * a) - 1.0  # tanh
+    o = tl.sigmoid(tl.load(g + 3 * hidden, mask=live, other=0.0))
+    cp = tl.load(c_prev_ptr + e, mask=inside, other=0.0)
+    hp = tl.load(h_prev_ptr + e, mask=inside, other=0.0)
+    c = f * cp + i * gg
+    h = o * (2.0 * tl.sigmoid(2.0 * c) - 1.0)
+    tl.store(g, tl.where(live, i, 0.0), mask=inside)
+    tl.store(g + hidden, tl.where(live, f, 0.0), mask=inside)
+    tl.store(g + 2 * hidden, tl.where(live, gg, 0.0), mask=inside)
+    tl.store(g + 3 * hidden, tl.where(live, o, 0.0), mask=inside)
+    tl.store(c_ptr + e, tl.where(live, c, cp), mask=inside)
+    tl.store(h_ptr + e, tl.where(live, h, hp), mask=inside)
+
+
+@library_op("lstm_forward")
+def lstm_forward(
+    x: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    weight_ih: torch.Tensor,
+    weight_hh: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    batch_sizes: Optional[list[int]],
+    reverse: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """nn.LSTM's forward of one layer and direction (see meprop.opdefs): a Python loop over the steps."""
+    f32 = torch.float32
+    steps, batch, _ = x.shape
+    hidden = weight_hh.shape[1]
+    w_hh_t = weight_hh.to(f32).t()
+    xw = torch.nn.functional.linear(x.to(f32), weight_ih.to(f32), None if bias is None else bias.to(f32))
+    gates = xw.contiguous()
+    hs = torch.empty((steps + 1, batch, hidden), dtype=f32, device=x.device)
+    cs = torch.empty_like(hs)
+    start = steps if reverse else 0
+    hs[start], cs[start] = h0.to(f32), c0.to(f32)
+    grid = (triton.cdiv(batch * hidden, _CELL_BLOCK),)
+    for t in range(steps - 1, -1, -1) if reverse else range(steps):
+        before, after = (t + 1, t) if reverse else (t, t + 1)
+        b = batch if batch_sizes is None else batch_sizes[t]
+        if b > 0:
+            gates[t, :b].addmm_(hs[before, :b], w_hh_t)
+        if batch * hidden > 0:
+            launch(lstm_cell_kernel)[grid](gates[t], hs[before], cs[before], hs[after], cs[after], batch, b, hidden,
+                                          BLOCK=_CELL_BLOCK)
+    dtype = x.dtype
+    return hs.to(dtype), cs.to(dtype), gates.to(dtype)
 
 
 def _select(da: torch.Tensor, k: int, per_gate: bool, per_example: bool) -> torch.Tensor:

@@ -3,9 +3,13 @@
 // one pass over da for the column scores and the bias gradient (select.h), the selection (select.h), then the
 // four products with the kept entries only: unified through compacted blocks and small_gemm.h, per-example as
 // sums of the kept weight rows (and of rows of x / h for the weight gradients, column blocks per thread, so no
-// atomics). Temporaries: tanh of the cell states (T x B x H, one vectorised pass) and O(B * 4H + 4k * (I + H)); float16/bfloat16 are computed in float32.
+// atomics). tanh(c_t) is recomputed in the vectorised gate-gradient pass (activations.h). The outputs are written
+// once: dW rows on their first touch, the untouched rows zeroed at the end (blocks of large_alloc.h, no page
+// faults). Temporaries: O(B * 4H + 4k * (I + H)); float16/bfloat16 are computed in float32.
 #include <torch/library.h>
 
+#include "activations.h"
+#include "large_alloc.h"
 #include "select.h"
 #include "small_gemm.h"
 
@@ -21,17 +25,36 @@ struct LstmStep {
   std::vector<int64_t> idx;
   acc *dw_ih, *dw_hh;
 
-  // da (b x 4H) from the saved gates and states, tanh of the step's cell state and the incoming dh, dc;
-  // dc <- dc * f.
-  void gate_grad(int64_t b, const acc* gates, const acc* c_prev, const acc* tanh_c, const acc* dout) {
+  // da (b x 4H) from the saved gates and states (tanh(c_t), c_t = f * c_prev + i * g, recomputed) and the
+  // incoming dh, dc; dc <- dc * f.
+  void gate_grad(int64_t b, const acc* gates, const acc* c_prev, const acc* dout) {
     const int64_t H = hidden, G = 4 * hidden;
     at::parallel_for(0, b, row_grain(G), [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
         const acc* g = gates + n * G;
         acc* d = da.data() + n * G;
-        for (int64_t j = 0; j < H; ++j) {
+        int64_t j = 0;
+        if constexpr (std::is_same_v<acc, float>) {
+          constexpr int L = Simd<float>::kLanes;
+          const fvec one = splat(1.0f);
+          for (; j + L <= H; j += L) {
+            const fvec i = load_vec(g + j), f = load_vec(g + H + j), gg = load_vec(g + 2 * H + j);
+            const fvec o = load_vec(g + 3 * H + j), cp = load_vec(c_prev + n * H + j);
+            const fvec tc = tanh_vec(f * cp + i * gg);
+            const fvec dht = load_vec(dh.data() + n * H + j) + load_vec(dout + n * H + j);
+            const fvec dct = load_vec(dc.data() + n * H + j) + dht * o * (one - tc * tc);
+            const fvec di = dct * gg * i * (one - i), df = dct * cp * f * (one - f);
+            const fvec dg = dct * i * (one - gg * gg), d_o = dht * tc * o * (one - o), dc_new = dct * f;
+            std::memcpy(d + j, &di, sizeof(di));
+            std::memcpy(d + H + j, &df, sizeof(df));
+            std::memcpy(d + 2 * H + j, &dg, sizeof(dg));
+            std::memcpy(d + 3 * H + j, &d_o, sizeof(d_o));
+            std::memcpy(dc.data() + n * H + j, &dc_new, sizeof(dc_new));
+          }
+        }
+        for (; j < H; ++j) {
           const acc i = g[j], f = g[H + j], gg = g[2 * H + j], o = g[3 * H + j], cp = c_prev[n * H + j];
-          const acc tc = tanh_c[n * H + j];
+          const acc tc = std::tanh(f * cp + i * gg);
           const acc dht = dh[n * H + j] + dout[n * H + j];
           const acc dct = dc[n * H + j] + dht * o * (acc(1) - tc * tc);
           d[j] = dct * gg * i * (acc(1) - i);
@@ -82,8 +105,8 @@ struct LstmStep {
   }
 
   // out (b x cols) = the kept entries' products with the kept rows of w (4H x cols); dw (4H x cols) += their
-  // products with src (b x cols), the step's x or h_prev.
-  void products(int64_t b, const acc* w, int64_t cols, const acc* src, acc* out, acc* dw) {
+  // products with src (b x cols), the step's x or h_prev. A row of dw not yet `touched` is written, not added to.
+  void products(int64_t b, const acc* w, int64_t cols, const acc* src, acc* out, acc* dw, std::vector<char>& touched) {
     if (!per_example) {
       acc* wk = packed.data();  // W[idx, :] (kept x cols)
       for (int64_t j = 0; j < kept; ++j) std::copy(w + idx[j] * cols, w + (idx[j] + 1) * cols, wk + j * cols);
@@ -92,9 +115,19 @@ struct LstmStep {
       for (int64_t j = 0; j < kept; ++j) {
         acc* dst = dw + idx[j] * cols;
         const acc* r = rows.data() + j * cols;
+        if (!touched[idx[j]]) {
+          std::copy(r, r + cols, dst);
+          touched[idx[j]] = 1;
+          continue;
+        }
         for (int64_t c = 0; c < cols; ++c) dst[c] += r[c];
       }
       return;
+    }
+    for (int64_t e = 0; e < b * kept; ++e) {
+      if (touched[idx[e]]) continue;
+      std::fill(dw + idx[e] * cols, dw + (idx[e] + 1) * cols, acc(0));
+      touched[idx[e]] = 1;
     }
     at::parallel_for(0, b, row_grain(kept * cols), [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
@@ -136,13 +169,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor dout = as_acc(dout_in), x = as_acc(x_in), h_prev = as_acc(h_prev_in), c_prev = as_acc(c_prev_in);
   const at::Tensor gates = as_acc(gates_in), w_ih = as_acc(w_ih_in), w_hh = as_acc(w_hh_in);
   const at::Tensor given = idx_in.has_value() ? idx_in->contiguous() : at::Tensor();
-  // tanh(c_t) of every step in one vectorised pass (a scalar tanh per entry in the step loop costs more than
-  // all the sparse products): c_t = f * c_prev + i * g.
-  const at::Tensor gate = gates.view({steps, batch, 4, hidden});
-  const at::Tensor tanh_c = at::addcmul(gate.select(2, 1) * c_prev, gate.select(2, 0), gate.select(2, 2)).tanh_();
   const auto options = x.options();
-  at::Tensor dx = at::zeros({steps, batch, n_in}, options);
-  at::Tensor dw_ih = at::zeros({G, n_in}, options), dw_hh = at::zeros({G, hidden}, options);
+  at::Tensor dx = empty_for_write({steps, batch, n_in}, options);
+  at::Tensor dw_ih = empty_for_write({G, n_in}, options), dw_hh = empty_for_write({G, hidden}, options);
   at::Tensor dh0 = at::empty({batch, hidden}, options), dc0 = at::empty({batch, hidden}, options);
   at::Tensor db = at::empty({G}, options);
   AT_DISPATCH_FLOATING_TYPES(acc_type, "lstm_backward_cpu", [&] {
@@ -163,23 +192,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     s.rows.resize(per_example ? 0 : kept * std::max(n_in, hidden));
     s.dw_ih = dw_ih.mutable_data_ptr<acc>(), s.dw_hh = dw_hh.mutable_data_ptr<acc>();
     std::vector<acc> dh_new(batch * hidden);
+    std::vector<char> touched_ih(G, 0), touched_hh(G, 0);
+    acc* pdx = dx.mutable_data_ptr<acc>();
     for (int64_t step = 0; step < steps; ++step) {
       const int64_t t = reverse ? step : steps - 1 - step;  // the forward's steps in the opposite order
       const int64_t b = batch_sizes.has_value() ? (*batch_sizes)[t] : batch;
+      std::fill(pdx + (t * batch + b) * n_in, pdx + (t + 1) * batch * n_in, acc(0));  // rows not taking part
       if (b == 0) continue;
       const int64_t at_t = t * batch * hidden;
       s.gate_grad(b, gates.const_data_ptr<acc>() + t * batch * G, c_prev.const_data_ptr<acc>() + at_t,
-                  tanh_c.const_data_ptr<acc>() + at_t, dout.const_data_ptr<acc>() + at_t);
+                  dout.const_data_ptr<acc>() + at_t);
       const int64_t* g = nullptr;
       if (given.defined()) g = given.const_data_ptr<int64_t>() + t * (per_example ? batch * kept : kept);
       s.select(b, g);
       if (!per_example)
         for (int64_t n = 0; n < b; ++n)
           for (int64_t j = 0; j < kept; ++j) s.a_t[j * b + n] = s.a[n * kept + j];
-      s.products(b, s.w_hh, hidden, h_prev.const_data_ptr<acc>() + t * batch * hidden, dh_new.data(), s.dw_hh);
-      s.products(b, s.w_ih, n_in, x.const_data_ptr<acc>() + t * batch * n_in,
-                 dx.mutable_data_ptr<acc>() + t * batch * n_in, s.dw_ih);
+      s.products(b, s.w_hh, hidden, h_prev.const_data_ptr<acc>() + t * batch * hidden, dh_new.data(), s.dw_hh,
+                 touched_hh);
+      s.products(b, s.w_ih, n_in, x.const_data_ptr<acc>() + t * batch * n_in, pdx + t * batch * n_in, s.dw_ih,
+                 touched_ih);
       std::copy(dh_new.begin(), dh_new.begin() + b * hidden, s.dh.begin());
+    }
+    for (int64_t r = 0; r < G; ++r) {  // rows no step kept
+      if (!touched_hh[r]) std::fill(s.dw_hh + r * hidden, s.dw_hh + (r + 1) * hidden, acc(0));
+      if (!touched_ih[r]) std::fill(s.dw_ih + r * n_in, s.dw_ih + (r + 1) * n_in, acc(0));
     }
     std::copy(s.dh.begin(), s.dh.end(), dh0.mutable_data_ptr<acc>());
     std::copy(s.dc.begin(), s.dc.end(), dc0.mutable_data_ptr<acc>());

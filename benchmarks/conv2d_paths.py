@@ -4,11 +4,12 @@ Per geometry (batch 64, 3x3, padding 1; the MNIST CNN's layers and the ResNet-li
 products ``dx`` and ``dW[S]`` through the shifted-copies GEMMs and through oneDNN's convolutions in
 channels-last, interleaved; writes ``benchmarks/results/conv2d-paths-cpu.json``.
 
-    python benchmarks/conv2d_paths.py
+    python benchmarks/conv2d_paths.py [--batch 64] [--rounds 3] [--min-run-time 0.2] [--out FILE]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -30,25 +31,34 @@ PATHS = {
 }
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--geometries", help="C_in,C_out,H,k;... (default: the list above)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--min-run-time", type=float, default=0.2)
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "conv2d-paths-cpu.json")
+    args = p.parse_args(argv)
+    geometries = ([tuple(int(v) for v in g.split(",")) for g in args.geometries.split(";")] if args.geometries
+                  else GEOMETRIES)
     torch.manual_seed(0)
     rows = []
-    for c_in, c_out, size, k in GEOMETRIES:
-        x, dy = torch.randn(64, c_in, size, size), torch.randn(64, c_out, size, size)
+    for c_in, c_out, size, k in geometries:
+        x, dy = torch.randn(args.batch, c_in, size, size), torch.randn(args.batch, c_out, size, size)
         kept = torch.randperm(c_out)[:k].sort().values
         w_kept = torch.randn(c_out, c_in, 3, 3)[kept].contiguous()
         need_dx = c_in > 1  # a first layer needs no dx
         cases = {name: (lambda f=f: f(dy, kept, x, w_kept, need_dx)) for name, f in PATHS.items()}
-        t = interleaved(cases, rounds=3, min_run_time=0.2)
+        t = interleaved(cases, rounds=args.rounds, min_run_time=args.min_run_time)
         c = compare(t["onednn"], t["shifts"])
         rows.append(dict(c_in=c_in, c_out=c_out, size=size, k=k, dx=need_dx, shifts_ms=t["shifts"].median * 1e3,
                          onednn_ms=t["onednn"].median * 1e3, onednn_over_shifts=c["ratio"],
                          range=[c["ratio_min"], c["ratio_max"]]))
         print(f"C_in {c_in:3d} C_out {c_out:3d} {size}x{size} k={k:3d}: shifts {rows[-1]['shifts_ms']:7.2f} ms, "
               f"oneDNN {rows[-1]['onednn_ms']:7.2f} ms, oneDNN/shifts {c['ratio']:.2f}", flush=True)
-    out = Path(__file__).resolve().parent / "results" / "conv2d-paths-cpu.json"
-    out.write_text(json.dumps(dict(machine=describe_machine(torch.device("cpu")), batch=64, results=rows), indent=1))
-    print(f"wrote {out}")
+    args.out.write_text(json.dumps(dict(machine=describe_machine(torch.device("cpu")), batch=args.batch, results=rows),
+                                   indent=1))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

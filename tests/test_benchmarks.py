@@ -76,6 +76,15 @@ def test_conv2d_benchmark_writes_json(tmp_path):
     assert cases["meprop k=2"]["ratio"] > 0
 
 
+def test_conv2d_paths_benchmark_writes_json(tmp_path):
+    out = tmp_path / "paths.json"
+    _run("conv2d_paths.py", "--batch", "2", "--geometries", "1,4,6,2;3,5,5,3", "--rounds", "1", "--min-run-time",
+         "0.01", "--out", str(out))
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["c_in"], r["k"], r["dx"]) for r in rows] == [(1, 2, False), (3, 3, True)]
+    assert all(r["shifts_ms"] > 0 and r["onednn_ms"] > 0 for r in rows)
+
+
 def test_real_models_text_run_writes_json(tmp_path):
     data = Path(os.environ.get("MEPROP_DATA", ROOT.parent / "shared" / "data"))
     if not (data / "text" / "rotten_tomatoes" / "train.tsv").exists():

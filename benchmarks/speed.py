@@ -271,7 +271,8 @@ def lstm_case(batch, steps, n_in, hidden, k, mode, backend, device):
 def lstm_peak_mb(batch, mode, backend, device) -> float:
     """Peak memory (MB) allocated through PyTorch's allocator during one forward + backward of a case, above what
     was allocated before (CUDA: the allocator's peak statistic; CPU: the running sum of the profiler's
-    allocation events). The kernels' own small std::vector buffers are not counted."""
+    allocation events, which include the blocks the meprop CPU kernels reuse for large outputs). The kernels' own
+    small std::vector buffers are not counted."""
     size = next(s for s in LSTM_SIZES if s[0] == batch)
     model, x, dout = lstm_case(*size, None if mode == "dense" else mode, backend, device)
     with torch.no_grad():  # lazy initialisation first
@@ -338,7 +339,8 @@ def lstm_view(args, device):
               f"{r['peak_mb'] if r['peak_mb'] is not None else float('nan'):8.1f}"
               + ("  noisy" if r["backward_noisy"] else ""))
     print("fwd/dense = meprop forward / nn.LSTM forward; dense/bwd = nn.LSTM backward / meprop backward; "
-          "peak MB = growth of the peak RSS (CPU) or of the peak allocation (CUDA) over one forward + backward")
+          "peak MB = peak of the allocations during one forward + backward (CPU: the profiler's memory events, "
+          "meprop's reused blocks included; CUDA: the allocator's peak)")
     return rows
 
 

@@ -231,6 +231,24 @@ def test_cpu_kernels_write_every_element_of_large_outputs():
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_memory_profiler_sees_the_cpu_kernels_large_outputs():
+    """Outputs from reused blocks count in torch.profiler's memory events like the CPU allocator's own."""
+    if backends.get("cpu").error:
+        pytest.skip(backends.get("cpu").error)
+    from torch.profiler import ProfilerActivity, profile
+
+    steps, batch, n_in, hidden = 8, 64, 16, 128  # gates: 1 MB
+    args = (torch.randn(steps, batch, n_in), torch.zeros(batch, hidden), torch.zeros(batch, hidden),
+            torch.randn(4 * hidden, n_in), torch.randn(4 * hidden, hidden), None, None, False)
+    backends.get("cpu").lstm_forward(*args)  # a freed block for the next call to reuse
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        outputs = backends.get("cpu").lstm_forward(*args)
+        del outputs
+    sizes = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    gates_bytes = steps * batch * 4 * hidden * 4
+    assert gates_bytes in sizes and -gates_bytes in sizes
+
+
 def test_module_gradients_equal_the_oracle_two_layers_bidirectional_packed():
     torch.manual_seed(5)
     model = meprop.LSTM(4, 6, num_layers=2, bidirectional=True, k=2, dtype=torch.float64)

@@ -2,10 +2,14 @@
 // fills it: the OS zeroes every page on its first touch. So blocks of 1 MB and more come from anonymous
 // mappings with the transparent-huge-page hint (a few faults per MB instead of 256), and a freed block is
 // kept for the next output of the same size (a training step allocates the same sizes every step), up
-// to MEPROP_CPU_CACHE_MB in all (default 1024; 0 keeps none).
+// to MEPROP_CPU_CACHE_MB in all (default 1024; 0 keeps none). Blocks in use are reported to PyTorch's memory
+// profiler (torch.profiler with profile_memory=True) like the CPU allocator's own allocations.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/Allocator.h>
+
+#include <atomic>
 
 #include <cstdlib>
 #include <fstream>
@@ -73,6 +77,15 @@ class BlockCache {
   size_t cached_bytes_ = 0, limit_bytes_ = 0;
 };
 
+// Tells the memory profiler (when it records) that `nbytes` at `block` were taken (> 0) or given back (< 0).
+inline void report_to_profiler(void* block, int64_t nbytes) {
+  static std::atomic<int64_t> in_use{0};
+  const int64_t total = in_use.fetch_add(nbytes) + nbytes;
+  if (c10::memoryProfilingEnabled())
+    c10::reportMemoryUsageToProfiler(block, nbytes, static_cast<size_t>(total), static_cast<size_t>(total),
+                                     c10::Device(c10::kCPU));
+}
+
 inline size_t nbytes_of(at::IntArrayRef sizes, const at::TensorOptions& options) {
   size_t nbytes = at::elementSize(at::typeMetaToScalarType(options.dtype()));
   for (const int64_t s : sizes) nbytes *= static_cast<size_t>(s);
@@ -86,7 +99,11 @@ inline at::Tensor empty_for_write(at::IntArrayRef sizes, const at::TensorOptions
   if (nbytes < kMinBytes) return at::empty(sizes, options);
   void* block = BlockCache::instance().take(nbytes);
   if (block == nullptr) return at::empty(sizes, options);
-  return at::from_blob(block, sizes, [nbytes](void* p) { BlockCache::instance().give_back(p, nbytes); }, options);
+  report_to_profiler(block, static_cast<int64_t>(nbytes));
+  return at::from_blob(block, sizes, [nbytes](void* p) {
+    report_to_profiler(p, -static_cast<int64_t>(nbytes));
+    BlockCache::instance().give_back(p, nbytes);
+  }, options);
 }
 
 // A zero tensor whose pages the OS supplies on first touch (a fresh mapping, never a cached block): a
@@ -109,7 +126,11 @@ inline at::Tensor zeros_on_demand(at::IntArrayRef sizes, const at::TensorOptions
   if (!huge_zero_page || nbytes < kMinBytes) return {};
   void* block = BlockCache::map_fresh(nbytes);
   if (block == nullptr) return {};
-  return at::from_blob(block, sizes, [nbytes](void* p) { munmap(p, nbytes); }, options);
+  report_to_profiler(block, static_cast<int64_t>(nbytes));
+  return at::from_blob(block, sizes, [nbytes](void* p) {
+    report_to_profiler(p, -static_cast<int64_t>(nbytes));
+    munmap(p, nbytes);
+  }, options);
 }
 
 #else

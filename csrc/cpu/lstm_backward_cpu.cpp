@@ -1,9 +1,10 @@
 // meProp's BPTT of one LSTM layer and direction on CPU: the whole sequence in one call (semantics:
 // meprop/lstm_reference.py). Per step: one elementwise pass for the gate gradient da (b x 4H) and the cell path,
 // one pass over da for the column scores and the bias gradient (select.h), the selection (select.h), then the
-// four products with the kept entries only: unified through compacted blocks and small_gemm.h, per-example as
-// sums of the kept weight rows (and of rows of x / h for the weight gradients, column blocks per thread, so no
-// atomics). tanh(c_t) is recomputed in the vectorised gate-gradient pass (activations.h). The outputs are written
+// four products with the kept entries only: unified through compacted blocks and small_gemm.h, per-example
+// dx / dh as sums of the kept weight rows. The per-example weight gradients wait for the end of the sequence:
+// every step's kept entries are recorded (T x B x kept), sorted by row, and each row of dW_ih / dW_hh is summed
+// once from its entries (rows split between threads, so no atomics; a fixed order). tanh(c_t) is recomputed in the vectorised gate-gradient pass (activations.h). The outputs are written
 // once: dW rows on their first touch, the untouched rows zeroed at the end (blocks of large_alloc.h, no page
 // faults). Temporaries: O(B * 4H + 4k * (I + H)); float16/bfloat16 are computed in float32.
 #include <torch/library.h>
@@ -104,8 +105,9 @@ struct LstmStep {
     });
   }
 
-  // out (b x cols) = the kept entries' products with the kept rows of w (4H x cols); dw (4H x cols) += their
-  // products with src (b x cols), the step's x or h_prev. A row of dw not yet `touched` is written, not added to.
+  // out (b x cols) = the kept entries' products with the kept rows of w (4H x cols). Unified, also dw (4H x cols)
+  // += their products with src (b x cols), the step's x or h_prev; a row of dw not yet `touched` is written, not
+  // added to (per example, dw waits for weight_grad_from_entries).
   void products(int64_t b, const acc* w, int64_t cols, const acc* src, acc* out, acc* dw, std::vector<char>& touched) {
     if (!per_example) {
       acc* wk = packed.data();  // W[idx, :] (kept x cols)
@@ -124,11 +126,6 @@ struct LstmStep {
       }
       return;
     }
-    for (int64_t e = 0; e < b * kept; ++e) {
-      if (touched[idx[e]]) continue;
-      std::fill(dw + idx[e] * cols, dw + (idx[e] + 1) * cols, acc(0));
-      touched[idx[e]] = 1;
-    }
     at::parallel_for(0, b, row_grain(kept * cols), [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
         acc* o = out + n * cols;
@@ -140,18 +137,43 @@ struct LstmStep {
         }
       }
     });
-    // Each task owns a band of columns of dw, and adds every kept entry's row into it in a fixed order.
-    at::parallel_for(0, cols, std::max<int64_t>(64, row_grain(b * kept)), [&](int64_t c0, int64_t c1) {
-      for (int64_t n = 0; n < b; ++n)
-        for (int64_t j = 0; j < kept; ++j) {
-          const acc v = a[n * kept + j];
-          acc* dst = dw + idx[n * kept + j] * cols;
-          const acc* s = src + n * cols;
-          for (int64_t c = c0; c < c1; ++c) dst[c] += v * s[c];
-        }
-    });
   }
+
+  // Per example: the step's kept entries (value, row of 4H, row of x / h_prev) for the weight gradients.
+  void record(int64_t b, int64_t first_src) {
+    for (int64_t n = 0; n < b; ++n)
+      for (int64_t j = 0; j < kept; ++j) entries.push_back({a[n * kept + j], idx[n * kept + j], first_src + n});
+  }
+
+  struct Entry {
+    acc v;
+    int64_t row, src;
+  };
+  std::vector<Entry> entries;
 };
+
+// dw (G x cols) = sum over the entries e of e.v * src[e.src] into row e.row: the entries sorted by row (a
+// stable counting sort, so each row sums in step order), each row written once; rows with no entry are zero.
+template <typename acc, typename Entry>
+void weight_grad_from_entries(const std::vector<Entry>& entries, int64_t G, const acc* src, int64_t cols, acc* dw) {
+  std::vector<int64_t> start(G + 1, 0);
+  for (const Entry& e : entries) ++start[e.row + 1];
+  for (int64_t r = 0; r < G; ++r) start[r + 1] += start[r];
+  std::vector<int64_t> order(entries.size()), next(start.begin(), start.end() - 1);
+  for (int64_t i = 0; i < static_cast<int64_t>(entries.size()); ++i) order[next[entries[i].row]++] = i;
+  const int64_t per_row = entries.empty() ? 1 : std::max<int64_t>(1, static_cast<int64_t>(entries.size()) / G);
+  at::parallel_for(0, G, std::max<int64_t>(1, row_grain(per_row * cols)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      acc* dst = dw + r * cols;
+      std::fill(dst, dst + cols, acc(0));
+      for (int64_t i = start[r]; i < start[r + 1]; ++i) {
+        const Entry& e = entries[order[i]];
+        const acc* s = src + e.src * cols;
+        for (int64_t c = 0; c < cols; ++c) dst[c] += e.v * s[c];
+      }
+    }
+  });
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_backward_cpu(
     const at::Tensor& dout_in, const at::Tensor& dh_n, const at::Tensor& dc_n, const at::Tensor& x_in,
@@ -191,6 +213,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     s.packed.resize(per_example ? 0 : kept * std::max(n_in, hidden));
     s.rows.resize(per_example ? 0 : kept * std::max(n_in, hidden));
     s.dw_ih = dw_ih.mutable_data_ptr<acc>(), s.dw_hh = dw_hh.mutable_data_ptr<acc>();
+    if (per_example) s.entries.reserve(steps * batch * kept);
     std::vector<acc> dh_new(batch * hidden);
     std::vector<char> touched_ih(G, 0), touched_hh(G, 0);
     acc* pdx = dx.mutable_data_ptr<acc>();
@@ -205,6 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const int64_t* g = nullptr;
       if (given.defined()) g = given.const_data_ptr<int64_t>() + t * (per_example ? batch * kept : kept);
       s.select(b, g);
+      if (per_example) s.record(b, t * batch);
       if (!per_example)
         for (int64_t n = 0; n < b; ++n)
           for (int64_t j = 0; j < kept; ++j) s.a_t[j * b + n] = s.a[n * kept + j];
@@ -214,9 +238,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                  touched_ih);
       std::copy(dh_new.begin(), dh_new.begin() + b * hidden, s.dh.begin());
     }
-    for (int64_t r = 0; r < G; ++r) {  // rows no step kept
-      if (!touched_hh[r]) std::fill(s.dw_hh + r * hidden, s.dw_hh + (r + 1) * hidden, acc(0));
-      if (!touched_ih[r]) std::fill(s.dw_ih + r * n_in, s.dw_ih + (r + 1) * n_in, acc(0));
+    if (per_example) {
+      weight_grad_from_entries(s.entries, G, h_prev.const_data_ptr<acc>(), hidden, s.dw_hh);
+      weight_grad_from_entries(s.entries, G, x.const_data_ptr<acc>(), n_in, s.dw_ih);
+    } else {
+      for (int64_t r = 0; r < G; ++r) {  // rows no step kept
+        if (!touched_hh[r]) std::fill(s.dw_hh + r * hidden, s.dw_hh + (r + 1) * hidden, acc(0));
+        if (!touched_ih[r]) std::fill(s.dw_ih + r * n_in, s.dw_ih + (r + 1) * n_in, acc(0));
+      }
     }
     std::copy(s.dh.begin(), s.dh.end(), dh0.mutable_data_ptr<acc>());
     std::copy(s.dc.begin(), s.dc.end(), dc0.mutable_data_ptr<acc>());

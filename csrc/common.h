@@ -9,6 +9,7 @@
 #include <c10/util/Exception.h>
 
 #include <cctype>
+#include <initializer_list>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -196,23 +197,36 @@ inline void batch_sizes(const char* op, at::IntArrayRef sizes, int64_t steps, in
                       ": batch_sizes must be non-increasing in [0, ", batch, "], got ", sizes);
 }
 
+// The checks both LSTM ops start with (meprop/opdefs.py's _lstm_layer): the two weight matrices, each of
+// `tensors` (x (T, B, I) first) an array of its dims like the weights, and the weights' sizes against x's.
+struct LstmTensor {
+  const char* name;
+  const at::Tensor* tensor;
+  int64_t dims;
+};
+inline void lstm_layer(const char* op, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+                       std::initializer_list<LstmTensor> tensors) {
+  matrix(op, "weight_ih", weight_ih);
+  matrix(op, "weight_hh", weight_hh);
+  like(op, "weight_hh", weight_hh, "weight_ih", weight_ih);
+  for (const LstmTensor& t : tensors) {
+    array(op, t.name, *t.tensor, t.dims);
+    like(op, t.name, *t.tensor, "weight_ih", weight_ih);
+  }
+  const at::Tensor& x = *tensors.begin()->tensor;
+  const int64_t hidden = weight_hh.size(1);
+  size_match(op, "weight_hh rows and 4 * hidden", weight_hh.size(0), 4 * hidden);
+  size_match(op, "weight_ih rows and weight_hh rows", weight_ih.size(0), weight_hh.size(0));
+  size_match(op, "x features and weight_ih columns", x.size(2), weight_ih.size(1));
+}
+
 // lstm_forward: the checks of meprop/opdefs.py's _lstm_forward, in its order.
 inline void lstm_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& weight_ih,
                          const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias,
                          at::OptionalIntArrayRef sizes) {
   constexpr const char* op = "lstm_forward";
-  matrix(op, "weight_ih", weight_ih);
-  matrix(op, "weight_hh", weight_hh);
-  like(op, "weight_hh", weight_hh, "weight_ih", weight_ih);
-  const std::pair<const char*, const at::Tensor*> arrays[] = {{"x", &x}, {"h0", &h0}, {"c0", &c0}};
-  for (int i = 0; i < 3; ++i) {
-    array(op, arrays[i].first, *arrays[i].second, i == 0 ? 3 : 2);
-    like(op, arrays[i].first, *arrays[i].second, "weight_ih", weight_ih);
-  }
+  lstm_layer(op, weight_ih, weight_hh, {{"x", &x, 3}, {"h0", &h0, 2}, {"c0", &c0, 2}});
   const int64_t steps = x.size(0), batch = x.size(1), hidden = weight_hh.size(1);
-  size_match(op, "weight_hh rows and 4 * hidden", weight_hh.size(0), 4 * hidden);
-  size_match(op, "weight_ih rows and weight_hh rows", weight_ih.size(0), weight_hh.size(0));
-  size_match(op, "x features and weight_ih columns", x.size(2), weight_ih.size(1));
   using shape = at::IntArrayRef;
   const std::vector<int64_t> last{batch, hidden};
   size_match(op, "h0 shape and (batch, hidden)", h0.sizes(), shape(last));
@@ -231,20 +245,10 @@ inline void lstm_backward(const at::Tensor& dout, const at::Tensor& dh_n, const 
                           const at::Tensor& weight_ih, const at::Tensor& weight_hh, at::OptionalIntArrayRef sizes,
                           int64_t k, bool per_gate, bool per_example, const std::optional<at::Tensor>& idx) {
   constexpr const char* op = "lstm_backward";
-  matrix(op, "weight_ih", weight_ih);
-  matrix(op, "weight_hh", weight_hh);
-  like(op, "weight_hh", weight_hh, "weight_ih", weight_ih);
-  const std::pair<const char*, const at::Tensor*> arrays[] = {{"x", &x}, {"dout", &dout}, {"h_prev", &h_prev},
-                                                              {"c_prev", &c_prev}, {"gates", &gates},
-                                                              {"dh_n", &dh_n}, {"dc_n", &dc_n}};
-  for (int i = 0; i < 7; ++i) {
-    array(op, arrays[i].first, *arrays[i].second, i < 5 ? 3 : 2);
-    like(op, arrays[i].first, *arrays[i].second, "weight_ih", weight_ih);
-  }
+  lstm_layer(op, weight_ih, weight_hh,
+             {{"x", &x, 3}, {"dout", &dout, 3}, {"h_prev", &h_prev, 3}, {"c_prev", &c_prev, 3}, {"gates", &gates, 3},
+              {"dh_n", &dh_n, 2}, {"dc_n", &dc_n, 2}});
   const int64_t steps = x.size(0), batch = x.size(1), hidden = weight_hh.size(1);
-  size_match(op, "weight_hh rows and 4 * hidden", weight_hh.size(0), 4 * hidden);
-  size_match(op, "weight_ih rows and weight_hh rows", weight_ih.size(0), weight_hh.size(0));
-  size_match(op, "x features and weight_ih columns", x.size(2), weight_ih.size(1));
   using shape = at::IntArrayRef;
   const std::vector<int64_t> state{steps, batch, hidden}, all_gates{steps, batch, 4 * hidden}, last{batch, hidden};
   size_match(op, "dout shape and (steps, batch, hidden)", dout.sizes(), shape(state));

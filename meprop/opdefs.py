@@ -162,20 +162,29 @@ _BACKWARD_SIGNATURE = (
 )
 
 
-def _lstm_backward(dout, dh_n, dc_n, x, h_prev, c_prev, gates, weight_ih, weight_hh, batch_sizes, reverse, k,
-                   per_gate, per_example, idx) -> None:
-    op = "lstm_backward"
+def _lstm_layer(op: str, weight_ih, weight_hh, tensors) -> tuple:
+    """The checks both LSTM ops start with: the two weight matrices, each of ``tensors`` ((name, tensor, dims),
+    ``x (T, B, I)`` first) an array like the weights, and the weights' sizes against x's; ``(T, B, H)``."""
     checks.matrix(op, "weight_ih", weight_ih)
     checks.matrix(op, "weight_hh", weight_hh)
     checks.like(op, "weight_hh", weight_hh, "weight_ih", weight_ih)
-    for name, t, dims in (("x", x, 3), ("dout", dout, 3), ("h_prev", h_prev, 3), ("c_prev", c_prev, 3),
-                          ("gates", gates, 3), ("dh_n", dh_n, 2), ("dc_n", dc_n, 2)):
+    for name, t, dims in tensors:
         checks.array(op, name, t, dims)
         checks.like(op, name, t, "weight_ih", weight_ih)
+    x = tensors[0][1]
     steps, batch, hidden = x.shape[0], x.shape[1], weight_hh.shape[1]
     checks.size_match(op, "weight_hh rows and 4 * hidden", weight_hh.shape[0], 4 * hidden)
     checks.size_match(op, "weight_ih rows and weight_hh rows", weight_ih.shape[0], weight_hh.shape[0])
     checks.size_match(op, "x features and weight_ih columns", x.shape[2], weight_ih.shape[1])
+    return steps, batch, hidden
+
+
+def _lstm_backward(dout, dh_n, dc_n, x, h_prev, c_prev, gates, weight_ih, weight_hh, batch_sizes, reverse, k,
+                   per_gate, per_example, idx) -> None:
+    op = "lstm_backward"
+    steps, batch, hidden = _lstm_layer(op, weight_ih, weight_hh, (
+        ("x", x, 3), ("dout", dout, 3), ("h_prev", h_prev, 3), ("c_prev", c_prev, 3), ("gates", gates, 3),
+        ("dh_n", dh_n, 2), ("dc_n", dc_n, 2)))
     state = [steps, batch, hidden]
     for name, t in (("dout", dout), ("h_prev", h_prev), ("c_prev", c_prev)):
         checks.size_match(op, f"{name} shape and (steps, batch, hidden)", list(t.shape), state)
@@ -215,16 +224,7 @@ _LSTM_BACKWARD = OpDef(
 
 def _lstm_forward(x, h0, c0, weight_ih, weight_hh, bias, batch_sizes, reverse) -> None:
     op = "lstm_forward"
-    checks.matrix(op, "weight_ih", weight_ih)
-    checks.matrix(op, "weight_hh", weight_hh)
-    checks.like(op, "weight_hh", weight_hh, "weight_ih", weight_ih)
-    for name, t, dims in (("x", x, 3), ("h0", h0, 2), ("c0", c0, 2)):
-        checks.array(op, name, t, dims)
-        checks.like(op, name, t, "weight_ih", weight_ih)
-    steps, batch, hidden = x.shape[0], x.shape[1], weight_hh.shape[1]
-    checks.size_match(op, "weight_hh rows and 4 * hidden", weight_hh.shape[0], 4 * hidden)
-    checks.size_match(op, "weight_ih rows and weight_hh rows", weight_ih.shape[0], weight_hh.shape[0])
-    checks.size_match(op, "x features and weight_ih columns", x.shape[2], weight_ih.shape[1])
+    steps, batch, hidden = _lstm_layer(op, weight_ih, weight_hh, (("x", x, 3), ("h0", h0, 2), ("c0", c0, 2)))
     for name, t in (("h0", h0), ("c0", c0)):
         checks.size_match(op, f"{name} shape and (batch, hidden)", list(t.shape), [batch, hidden])
     if bias is not None:

@@ -58,8 +58,7 @@ def lstm_forward(
     steps, batch, _ = x.shape
     hidden = weight_hh.shape[1]
     w_hh_t = weight_hh.to(f32).t()
-    xw = torch.nn.functional.linear(x.to(f32), weight_ih.to(f32), None if bias is None else bias.to(f32))
-    gates = xw.contiguous()
+    gates = torch.nn.functional.linear(x.to(f32), weight_ih.to(f32), None if bias is None else bias.to(f32))
     hs = torch.empty((steps + 1, batch, hidden), dtype=f32, device=x.device)
     cs = torch.empty_like(hs)
     start = steps if reverse else 0

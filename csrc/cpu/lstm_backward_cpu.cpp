@@ -3,10 +3,12 @@
 // one pass over da for the column scores and the bias gradient (select.h), the selection (select.h), then the
 // four products with the kept entries only: unified through compacted blocks and small_gemm.h, per-example
 // dx / dh as sums of the kept weight rows. The per-example weight gradients wait for the end of the sequence:
-// every step's kept entries are recorded (T x B x kept), sorted by row, and each row of dW_ih / dW_hh is summed
-// once from its entries (rows split between threads, so no atomics; a fixed order). tanh(c_t) is recomputed in the vectorised gate-gradient pass (activations.h). The outputs are written
-// once: dW rows on their first touch, the untouched rows zeroed at the end (blocks of large_alloc.h, no page
-// faults). Temporaries: O(B * 4H + 4k * (I + H)); float16/bfloat16 are computed in float32.
+// every step's kept entries are recorded (T x B x kept), sorted by row once, and each row of dW_ih / dW_hh is
+// summed once from its entries (rows split between threads, so no atomics; a fixed order). tanh(c_t) is
+// recomputed in the vectorised gate-gradient pass (activations.h). The outputs are written once: unified dW
+// rows on their first touch, the untouched rows zeroed at the end (blocks of large_alloc.h, no page faults).
+// Temporaries: O(B * 4H + 4k * (I + H)) and, per example, the recorded entries; float16/bfloat16 are computed
+// in float32.
 #include <torch/library.h>
 
 #include "activations.h"
@@ -24,6 +26,9 @@ struct LstmStep {
   const acc *w_ih, *w_hh;
   std::vector<acc> dh, dc, da, scores, sums, db, a, a_t, packed, rows;
   std::vector<int64_t> idx;
+  // Unified: the rows of 4H some step kept so far, and per kept entry of this step whether it is its row's
+  // first (its products are written to dW, not added); the same for dW_ih and dW_hh.
+  std::vector<char> touched, first;
   acc *dw_ih, *dw_hh;
 
   // da (b x 4H) from the saved gates and states (tanh(c_t), c_t = f * c_prev + i * g, recomputed) and the
@@ -105,10 +110,19 @@ struct LstmStep {
     });
   }
 
+  // Unified: marks this step's kept rows, noting which entries touch their row first (a repeated index in a
+  // given idx adds to its first occurrence).
+  void mark_first() {
+    for (int64_t j = 0; j < kept; ++j) {
+      first[j] = !touched[idx[j]];
+      touched[idx[j]] = 1;
+    }
+  }
+
   // out (b x cols) = the kept entries' products with the kept rows of w (4H x cols). Unified, also dw (4H x cols)
-  // += their products with src (b x cols), the step's x or h_prev; a row of dw not yet `touched` is written, not
-  // added to (per example, dw waits for weight_grad_from_entries).
-  void products(int64_t b, const acc* w, int64_t cols, const acc* src, acc* out, acc* dw, std::vector<char>& touched) {
+  // += their products with src (b x cols), the step's x or h_prev, written where `first` (per example, dw waits
+  // for the end of the sequence).
+  void products(int64_t b, const acc* w, int64_t cols, const acc* src, acc* out, acc* dw) {
     if (!per_example) {
       acc* wk = packed.data();  // W[idx, :] (kept x cols)
       for (int64_t j = 0; j < kept; ++j) std::copy(w + idx[j] * cols, w + (idx[j] + 1) * cols, wk + j * cols);
@@ -117,12 +131,10 @@ struct LstmStep {
       for (int64_t j = 0; j < kept; ++j) {
         acc* dst = dw + idx[j] * cols;
         const acc* r = rows.data() + j * cols;
-        if (!touched[idx[j]]) {
+        if (first[j])
           std::copy(r, r + cols, dst);
-          touched[idx[j]] = 1;
-          continue;
-        }
-        for (int64_t c = 0; c < cols; ++c) dst[c] += r[c];
+        else
+          for (int64_t c = 0; c < cols; ++c) dst[c] += r[c];
       }
       return;
     }
@@ -152,28 +164,39 @@ struct LstmStep {
   std::vector<Entry> entries;
 };
 
-// dw (G x cols) = sum over the entries e of e.v * src[e.src] into row e.row: the entries sorted by row (a
-// stable counting sort, so each row sums in step order), each row written once; rows with no entry are zero.
-template <typename acc, typename Entry>
-void weight_grad_from_entries(const std::vector<Entry>& entries, int64_t G, const acc* src, int64_t cols, acc* dw) {
-  std::vector<int64_t> start(G + 1, 0);
-  for (const Entry& e : entries) ++start[e.row + 1];
-  for (int64_t r = 0; r < G; ++r) start[r + 1] += start[r];
-  std::vector<int64_t> order(entries.size()), next(start.begin(), start.end() - 1);
-  for (int64_t i = 0; i < static_cast<int64_t>(entries.size()); ++i) order[next[entries[i].row]++] = i;
-  const int64_t per_row = entries.empty() ? 1 : std::max<int64_t>(1, static_cast<int64_t>(entries.size()) / G);
-  at::parallel_for(0, G, std::max<int64_t>(1, row_grain(per_row * cols)), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      acc* dst = dw + r * cols;
-      std::fill(dst, dst + cols, acc(0));
-      for (int64_t i = start[r]; i < start[r + 1]; ++i) {
-        const Entry& e = entries[order[i]];
-        const acc* s = src + e.src * cols;
-        for (int64_t c = 0; c < cols; ++c) dst[c] += e.v * s[c];
+// The recorded entries grouped by row of 4H: a stable counting sort (so each row sums in step order), once for
+// both weight gradients.
+template <typename Entry>
+struct EntriesByRow {
+  const std::vector<Entry>& entries;
+  std::vector<int64_t> start, order;  // row r's entries: entries[order[start[r] .. start[r + 1])]
+
+  EntriesByRow(const std::vector<Entry>& all, int64_t G) : entries(all), start(G + 1, 0), order(all.size()) {
+    for (const Entry& e : entries) ++start[e.row + 1];
+    for (int64_t r = 0; r < G; ++r) start[r + 1] += start[r];
+    std::vector<int64_t> next(start.begin(), start.end() - 1);
+    for (int64_t i = 0; i < static_cast<int64_t>(entries.size()); ++i) order[next[entries[i].row]++] = i;
+  }
+
+  // dw (G x cols) = sum over the entries e of e.v * src[e.src] into row e.row, each row written once; rows with
+  // no entry are zero.
+  template <typename acc>
+  void weight_grad(const acc* src, int64_t cols, acc* dw) const {
+    const int64_t G = static_cast<int64_t>(start.size()) - 1;
+    const int64_t per_row = G == 0 ? 1 : std::max<int64_t>(1, static_cast<int64_t>(entries.size()) / G);
+    at::parallel_for(0, G, row_grain(per_row * cols), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        acc* dst = dw + r * cols;
+        std::fill(dst, dst + cols, acc(0));
+        for (int64_t i = start[r]; i < start[r + 1]; ++i) {
+          const Entry& e = entries[order[i]];
+          const acc* s = src + e.src * cols;
+          for (int64_t c = 0; c < cols; ++c) dst[c] += e.v * s[c];
+        }
       }
-    }
-  });
-}
+    });
+  }
+};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_backward_cpu(
     const at::Tensor& dout_in, const at::Tensor& dh_n, const at::Tensor& dc_n, const at::Tensor& x_in,
@@ -213,9 +236,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     s.packed.resize(per_example ? 0 : kept * std::max(n_in, hidden));
     s.rows.resize(per_example ? 0 : kept * std::max(n_in, hidden));
     s.dw_ih = dw_ih.mutable_data_ptr<acc>(), s.dw_hh = dw_hh.mutable_data_ptr<acc>();
-    if (per_example) s.entries.reserve(steps * batch * kept);
+    if (per_example)
+      s.entries.reserve(steps * batch * kept);
+    else
+      s.touched.assign(G, 0), s.first.resize(kept);
     std::vector<acc> dh_new(batch * hidden);
-    std::vector<char> touched_ih(G, 0), touched_hh(G, 0);
     acc* pdx = dx.mutable_data_ptr<acc>();
     for (int64_t step = 0; step < steps; ++step) {
       const int64_t t = reverse ? step : steps - 1 - step;  // the forward's steps in the opposite order
@@ -228,23 +253,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const int64_t* g = nullptr;
       if (given.defined()) g = given.const_data_ptr<int64_t>() + t * (per_example ? batch * kept : kept);
       s.select(b, g);
-      if (per_example) s.record(b, t * batch);
-      if (!per_example)
+      if (per_example) {
+        s.record(b, t * batch);
+      } else {
+        s.mark_first();
         for (int64_t n = 0; n < b; ++n)
           for (int64_t j = 0; j < kept; ++j) s.a_t[j * b + n] = s.a[n * kept + j];
-      s.products(b, s.w_hh, hidden, h_prev.const_data_ptr<acc>() + t * batch * hidden, dh_new.data(), s.dw_hh,
-                 touched_hh);
-      s.products(b, s.w_ih, n_in, x.const_data_ptr<acc>() + t * batch * n_in, pdx + t * batch * n_in, s.dw_ih,
-                 touched_ih);
+      }
+      s.products(b, s.w_hh, hidden, h_prev.const_data_ptr<acc>() + t * batch * hidden, dh_new.data(), s.dw_hh);
+      s.products(b, s.w_ih, n_in, x.const_data_ptr<acc>() + t * batch * n_in, pdx + t * batch * n_in, s.dw_ih);
       std::copy(dh_new.begin(), dh_new.begin() + b * hidden, s.dh.begin());
     }
     if (per_example) {
-      weight_grad_from_entries(s.entries, G, h_prev.const_data_ptr<acc>(), hidden, s.dw_hh);
-      weight_grad_from_entries(s.entries, G, x.const_data_ptr<acc>(), n_in, s.dw_ih);
+      const EntriesByRow<typename LstmStep<acc>::Entry> by_row(s.entries, G);
+      by_row.weight_grad(h_prev.const_data_ptr<acc>(), hidden, s.dw_hh);
+      by_row.weight_grad(x.const_data_ptr<acc>(), n_in, s.dw_ih);
     } else {
       for (int64_t r = 0; r < G; ++r) {  // rows no step kept
-        if (!touched_hh[r]) std::fill(s.dw_hh + r * hidden, s.dw_hh + (r + 1) * hidden, acc(0));
-        if (!touched_ih[r]) std::fill(s.dw_ih + r * n_in, s.dw_ih + (r + 1) * n_in, acc(0));
+        if (s.touched[r]) continue;
+        std::fill(s.dw_hh + r * hidden, s.dw_hh + (r + 1) * hidden, acc(0));
+        std::fill(s.dw_ih + r * n_in, s.dw_ih + (r + 1) * n_in, acc(0));
       }
     }
     std::copy(s.dh.begin(), s.dh.end(), dh0.mutable_data_ptr<acc>());

@@ -1,6 +1,6 @@
 // nn.LSTM's forward of one layer and direction on CPU, keeping what meProp's BPTT needs (semantics:
 // meprop/lstm_reference.py's lstm_forward): the input GEMM of the whole sequence written straight into the
-// gates buffer, then per step one GEMM that adds h_{t-1} W_hh^T in place and one vectorised pass that
+// gates buffer (lstm_forward.h, shared with CUDA), then per step one GEMM that adds h_{t-1} W_hh^T in place and one vectorised pass that
 // activates the gates and writes c_t and h_t. Outputs are written once (no temporaries of the step's size);
 // float16/bfloat16 are computed in float32.
 #include <torch/library.h>
@@ -8,6 +8,7 @@
 #include "activations.h"
 #include "common.h"
 #include "large_alloc.h"
+#include "../lstm_forward.h"
 
 namespace meprop::cpu {
 namespace {
@@ -55,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_forward_cpu(const at::Tensor
                                                               const std::optional<at::Tensor>& bias_in,
                                                               at::OptionalIntArrayRef batch_sizes, bool reverse) {
   checks::lstm_forward(x_in, h0_in, c0_in, w_ih_in, w_hh_in, bias_in, batch_sizes);
-  const int64_t steps = x_in.size(0), batch = x_in.size(1), n_in = x_in.size(2), hidden = w_hh_in.size(1);
+  const int64_t steps = x_in.size(0), batch = x_in.size(1), hidden = w_hh_in.size(1);
   const int64_t G = 4 * hidden;
   const auto acc_type = acc_dtype(x_in.scalar_type());
   const auto as_acc = [&](const at::Tensor& t) { return t.to(acc_type).contiguous(); };
@@ -64,17 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_forward_cpu(const at::Tensor
   at::Tensor gates = empty_for_write({steps, batch, G}, options);
   at::Tensor hs = empty_for_write({steps + 1, batch, hidden}, options);
   at::Tensor cs = empty_for_write({steps + 1, batch, hidden}, options);
-  if (steps * batch > 0) {
-    at::Tensor flat = gates.view({steps * batch, G});
-    const at::Tensor x2 = x.view({steps * batch, n_in});
-    if (bias_in.has_value())
-      at::addmm_out(flat, as_acc(*bias_in), x2, w_ih.t());
-    else
-      at::mm_out(flat, x2, w_ih.t());
-  }
-  const int64_t start = reverse ? steps : 0;
-  hs.select(0, start).copy_(h0_in);
-  cs.select(0, start).copy_(c0_in);
+  lstm_forward_start(x, w_ih, bias_in, h0_in, c0_in, reverse, gates, hs, cs);
   const at::Tensor w_hh_t = w_hh.t();
   AT_DISPATCH_FLOATING_TYPES(acc_type, "lstm_forward_cpu", [&] {
     using acc = scalar_t;

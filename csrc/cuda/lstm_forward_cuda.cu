@@ -1,10 +1,12 @@
 // nn.LSTM's forward of one layer and direction on CUDA, keeping what meProp's BPTT needs (semantics:
-// meprop/lstm_reference.py's lstm_forward): the input GEMM of the whole sequence into the gates buffer, then
-// per step (host loop) one GEMM adding h_{t-1} W_hh^T in place and one elementwise kernel that activates the
-// gates and writes c_t and h_t (rows not taking part carry their state), in the accumulation type.
+// meprop/lstm_reference.py's lstm_forward): the input GEMM of the whole sequence into the gates buffer
+// (lstm_forward.h, shared with the CPU kernel), then per step (host loop) one GEMM adding h_{t-1} W_hh^T in
+// place and one elementwise kernel that activates the gates and writes c_t and h_t (rows not taking part carry
+// their state), in the accumulation type.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "../lstm_forward.h"
 #include "common.cuh"
 
 namespace meprop::cuda {
@@ -45,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_forward_cuda(const at::Tenso
                                                                at::OptionalIntArrayRef batch_sizes, bool reverse) {
   checks::lstm_forward(x_in, h0_in, c0_in, w_ih_in, w_hh_in, bias_in, batch_sizes);
   const c10::cuda::OptionalCUDAGuard guard(x_in.device());
-  const int64_t steps = x_in.size(0), batch = x_in.size(1), n_in = x_in.size(2), hidden = w_hh_in.size(1);
+  const int64_t steps = x_in.size(0), batch = x_in.size(1), hidden = w_hh_in.size(1);
   const int64_t G = 4 * hidden;
   const auto acc_type = acc_dtype(x_in.scalar_type());
   const auto as_acc = [&](const at::Tensor& t) { return t.to(acc_type).contiguous(); };
@@ -53,17 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_forward_cuda(const at::Tenso
   const auto options = x.options();
   at::Tensor gates = at::empty({steps, batch, G}, options);
   at::Tensor hs = at::empty({steps + 1, batch, hidden}, options), cs = at::empty({steps + 1, batch, hidden}, options);
-  if (steps * batch > 0) {
-    at::Tensor flat = gates.view({steps * batch, G});
-    const at::Tensor x2 = x.view({steps * batch, n_in});
-    if (bias_in.has_value())
-      at::addmm_out(flat, as_acc(*bias_in), x2, w_ih.t());
-    else
-      at::mm_out(flat, x2, w_ih.t());
-  }
-  const int64_t start = reverse ? steps : 0;
-  hs.select(0, start).copy_(h0_in);
-  cs.select(0, start).copy_(c0_in);
+  lstm_forward_start(x, w_ih, bias_in, h0_in, c0_in, reverse, gates, hs, cs);
   const at::Tensor w_hh_t = w_hh.t();
   AT_DISPATCH_FLOATING_TYPES(acc_type, "lstm_forward_cuda", [&] {
     using acc = scalar_t;

@@ -20,7 +20,7 @@ convolution with ``k`` output channels, not a dense product with a mask:
 per example) is not provided: it splits the batch into ``N`` convolutions with different weight subsets, each
 of ``k`` channels, whose kernels run far below the rate of one batched convolution, so it is slower than the
 dense backward on this CPU (see the README). ``k`` may be a :class:`meprop.Adaptive`, and ``error_feedback``
-carries the dropped channels of ``dy`` into the next step (:mod:`meprop.selection`). Only ``groups=1``.
+carries the dropped channels' scores into the next selection (:mod:`meprop.selection`). Only ``groups=1``.
 Second derivatives through the sparse backward are not supported.
 """
 
@@ -249,11 +249,14 @@ class _SparseConv2d(torch.autograd.Function):
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         owner = ctx.owner
         feedback = owner is not None and owner.error_feedback
-        dy = owner._take_feedback(grad_output) if feedback else grad_output
+        dy = grad_output
         if ctx.mode == "random_unified":
             kept = torch.randperm(dy.shape[1], generator=ctx.generator, device=dy.device)[: ctx.k]
         else:
-            kept = selection.select(channel_scores(dy), ctx.k, "meprop.Conv2d")
+            ranked = channel_scores(dy)
+            if feedback:
+                ranked = owner._feedback_scores(ranked)
+            kept = selection.select(ranked, ctx.k, "meprop.Conv2d")
         if owner is not None:
             owner.last_k = kept.numel()
         off = functional._autocast_on(dy.device.type)
@@ -263,7 +266,7 @@ class _SparseConv2d(torch.autograd.Function):
             )
         db = _bias_grad(grad_output)
         if feedback:
-            owner._store_feedback(dy, kept, 1)
+            owner._store_feedback(ranked, kept)
         return dx, dw, db if need_db and ctx.has_bias else None, *([None] * 8)
 
 
@@ -335,7 +338,7 @@ class Conv2d(selection.FeedbackMixin, nn.Conv2d):
             None: dense backward. The ``k`` of the last backward is ``last_k``.
         mode: ``"unified"`` (default) or ``"random_unified"``.
         backend: None (automatic), ``"cpu"``, ``"cuda"`` or ``"reference"``.
-        error_feedback: carry the dropped channels of ``dy`` into the next step (:mod:`meprop.selection`).
+        error_feedback: carry the dropped channels' scores into the next selection (:mod:`meprop.selection`).
         generator: random source of ``"random_unified"``.
     """
 
@@ -370,6 +373,8 @@ class Conv2d(selection.FeedbackMixin, nn.Conv2d):
         self._init_feedback(error_feedback, device, dtype)
         self.generator = generator
         _check_options(mode, backend, k, self._where)
+        if error_feedback and mode != "unified":
+            raise ValueError(f"{self._where}: error_feedback needs mode='unified', got {mode!r}")
         self.mode, self.backend = mode, backend
         self.k = k
 

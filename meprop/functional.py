@@ -233,27 +233,29 @@ class _ControlledLinear(torch.autograd.Function):
             dy = dy.to(weight.dtype)
         x = input.reshape(dy.shape[0], weight.shape[1])
         feedback = owner is not None and owner.error_feedback
-        chosen = owner._take_feedback(dy) if feedback else dy
         backend = backends.loaded(ctx.backend)
-        kept = selection.select(backend.column_scores(chosen), ctx.k, ctx.where)
+        ranked = backend.column_scores(dy)
+        if feedback:
+            ranked = owner._feedback_scores(ranked)
+        kept = selection.select(ranked, ctx.k, ctx.where)
         if owner is not None:
             owner.last_k = kept.numel()
         off = _autocast_on(dy.device.type)
         with torch.autocast(dy.device.type, enabled=False) if off else contextlib.nullcontext():
             if kept.numel() >= out:  # the whole layer kept: the dense products
-                dx = (chosen @ weight).reshape(input.shape) if need_dx else None
-                dw = (chosen.t() @ x) if need_dw else None
+                dx = (dy @ weight).reshape(input.shape) if need_dx else None
+                dw = (dy.t() @ x) if need_dw else None
                 if dw is not None and ctx.sparse_grad:
                     dw = dw.to_sparse()
             else:
                 dx, dw, _ = linear_backward(
-                    chosen, x, weight, k=kept.numel(), backend=backend, input_grad=need_dx,
+                    dy, x, weight, k=kept.numel(), backend=backend, input_grad=need_dx,
                     weight_grad=need_dw, bias_grad=False, sparse_grad=ctx.sparse_grad, idx=kept,
                 )
                 dx = dx.reshape(input.shape) if need_dx else None
         db = dy.sum(0, dtype=accumulate_dtype(dy.dtype)).to(dy.dtype) if need_db and ctx.has_bias else None
         if feedback:
-            owner._store_feedback(chosen, kept, 1)
+            owner._store_feedback(ranked, kept)
         return dx, dw, db, None, None, None, None, None
 
 

@@ -37,8 +37,8 @@ class Linear(selection.FeedbackMixin, nn.Linear):
             summed over the process group, so that DDP's averaged gradient is the single-process meProp gradient
             of the global batch (unified modes; see :mod:`meprop.distributed`). Eager mode only.
         process_group: the group sharing the selection (None: the default group); with ``sync_selection`` only.
-        error_feedback: carry the dropped columns of ``dy`` into the next step's selection and update (unified
-            mode; the memory is the ``feedback`` buffer, see :mod:`meprop.selection`).
+        error_feedback: carry the dropped columns' scores into the next step's selection (unified mode; the
+            memory is the ``feedback`` buffer, see :mod:`meprop.selection`).
     """
 
     def __init__(

@@ -4,12 +4,19 @@
   kept columns hold at least ``mass`` of the total score ``sum_j s_j`` (``s_j = sum_n |dy[n, j]|``; for a
   convolution the channel score ``sum_{n,h,w} |dy[n, c, h, w]|``), between ``min_k`` and ``max_k``. The layer
   records the ``k`` it used in ``last_k`` (an int; None before the first backward).
-- Error feedback (``error_feedback=True`` on a layer, memorized sparse backprop): the dropped part of ``dy``
-  (the unselected columns / channels) is kept in the layer's ``feedback`` buffer and added to the next step's
-  ``dy`` before the selection, so it enters both the next selection and the next update. The memory has
-  ``dy``'s shape; when the next ``dy`` has another shape (a smaller last batch, another sequence length) the
-  memory is dropped and starts again. It is a persistent buffer, so it is saved in ``state_dict`` (loading
-  accepts any stored shape, and a state dict without it, e.g. that of a plain ``nn.Linear``, resets it).
+- Error feedback (``error_feedback=True`` on a layer, memorized sparse backprop in the unified form): the
+  scores of the dropped columns / channels are carried to the next step. The layer's ``feedback`` buffer
+  ``m (width,)`` holds, for each column, the scores it has accumulated since it was last kept; the next
+  selection ranks ``s + m`` (``s`` that step's scores), the kept columns' memory is cleared and the dropped
+  ones keep ``s + m``. A column whose gradient is repeatedly just below the cut therefore enters a later
+  selection, and its update then is that step's kept column of ``dy`` (the products stay those of the ``k``
+  kept columns). What is not carried is the dropped columns' share of the weight gradient itself: that is
+  the product ``dy[:, D]^T x`` over the dropped columns ``D``, i.e. the dense weight-gradient cost meProp
+  avoids (the backward could then be at most ``2 / (1 + k / width)`` times faster than dense), and carrying
+  ``dy`` itself into the next batch adds one batch's gradients to other examples (measured: 5 to 12 points
+  of accuracy lost, ``benchmarks/results/real_models.md``). The buffer is empty until the first backward; it
+  is persistent, so it is saved in ``state_dict`` (a state dict without it, e.g. that of a plain
+  ``nn.Linear``, resets it).
 
 The selection order is the reference's (larger score first, ties by lower index). Choosing an adaptive ``k``
 reads one number back from the device (a synchronisation on CUDA).
@@ -107,7 +114,7 @@ def select(scores: torch.Tensor, k, where: str = "meprop") -> torch.Tensor:
 
 class FeedbackMixin:
     """The state meprop layers share: ``last_k`` (the ``k`` of the last backward) and, with error feedback,
-    the ``feedback`` buffer (the dropped part of the last ``dy``; empty until the first backward)."""
+    the ``feedback`` buffer (the dropped columns' accumulated scores ``(width,)``; empty until the first backward)."""
 
     def _init_feedback(self, error_feedback: bool, device=None, dtype=None) -> None:
         self.last_k = None
@@ -115,21 +122,22 @@ class FeedbackMixin:
         if self.error_feedback:
             self.register_buffer("feedback", torch.zeros(0, device=device, dtype=dtype))
 
-    def _take_feedback(self, dy: torch.Tensor) -> torch.Tensor:
-        """``dy`` plus the memory (a fresh tensor the caller may modify) when error feedback is on."""
+    def _feedback_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """The selection scores ``scores (width,)`` plus the memory (a fresh tensor) when error feedback is on."""
         memory = self.feedback
-        if memory.shape == dy.shape:
-            return dy + memory.to(dy.dtype)
-        return dy.clone()
+        if memory.shape == scores.shape:
+            return scores + memory.to(scores.dtype)
+        return scores.clone()
 
-    def _store_feedback(self, dy: torch.Tensor, kept: torch.Tensor, dim: int) -> None:
-        """Keep ``dy`` without its ``kept`` entries along ``dim`` (modified in place) as the next memory."""
-        self.feedback = dy.index_fill_(dim, kept, 0).detach()
+    def _store_feedback(self, ranked: torch.Tensor, kept: torch.Tensor) -> None:
+        """Keep the scores ``ranked (width,)`` the selection used, with the ``kept`` columns cleared, as the
+        next memory (``ranked`` is modified in place)."""
+        self.feedback = ranked.index_fill_(0, kept, 0).detach().to(self.feedback.dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         if getattr(self, "error_feedback", False):
             key = prefix + "feedback"
-            if key in state_dict:  # any stored shape (the memory follows dy's shape)
+            if key in state_dict:  # (width,), or empty when saved before the first backward
                 self.feedback = torch.empty_like(state_dict[key], device=self.feedback.device)
             else:  # a plain layer's state dict: start with an empty memory
                 self.feedback = self.feedback.new_zeros(0)

@@ -60,41 +60,51 @@ def test_linear_adaptive_k_matches_oracle_and_records_last_k(backend):
     torch.testing.assert_close(db, g.sum(0))
 
 
-def test_linear_error_feedback_carries_the_dropped_columns():
+def scaled_signs(rows, scales, *trailing):
+    """Random signs times fixed per-column magnitudes: ``(rows, len(scales), *trailing)`` with the exact column
+    scores ``rows * prod(trailing) * scales`` (tie-free selections by construction)."""
+    shape = (rows, len(scales), *trailing)
+    signs = torch.randint(0, 2, shape).to(torch.float64) * 2 - 1
+    return signs * torch.tensor(scales, dtype=torch.float64).view(1, -1, *([1] * len(trailing)))
+
+
+def test_linear_error_feedback_carries_the_dropped_scores():
     torch.manual_seed(0)
     layer = meprop.Linear(4, 6, k=2, error_feedback=True).double()
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    g1 = torch.randn(3, 6, dtype=torch.float64) * (torch.arange(6) + 1.0)
-    g2 = torch.randn(3, 6, dtype=torch.float64) * (6.0 - torch.arange(6))
+    g1 = scaled_signs(3, [1, 2, 3, 4, 5, 6])  # scores 3 * scales: keeps 5, 4
+    g2 = scaled_signs(3, [5, 3, 1, 2.5, 1, 0.5])  # alone it would keep 0, 1
     torch.autograd.grad(layer(x), (x, layer.weight), g1)
-    kept1 = g1.abs().sum(0).topk(2).indices
-    memory = g1.clone().index_fill_(1, kept1, 0)
-    assert torch.equal(layer.feedback, memory)
-    dx, dw = torch.autograd.grad(layer(x), (x, layer.weight), g2)
-    total = g2 + memory
-    kept2 = total.abs().sum(0).topk(2).indices
-    odx, odw = masked_linear_grads(x, layer.weight, total, kept2)
+    assert layer.last_k == 2
+    torch.testing.assert_close(layer.feedback, torch.tensor([3, 6, 9, 12, 0, 0], dtype=torch.float64))
+    dx, dw, db = torch.autograd.grad(layer(x), (x, layer.weight, layer.bias), g2)
+    # ranked: 3 * [5, 3, 1, 2.5, 1, .5] + [3, 6, 9, 12, 0, 0] = [18, 15, 12, 19.5, 3, 1.5]: keeps 3 and 0
+    odx, odw = masked_linear_grads(x, layer.weight, g2, torch.tensor([3, 0]))
     torch.testing.assert_close(dx, odx)
     torch.testing.assert_close(dw, odw)
-    torch.testing.assert_close(layer.feedback, total.clone().index_fill_(1, kept2, 0))
-    # another batch shape: the memory starts again
-    torch.autograd.grad(layer(x[:2]), (layer.weight,), g2[:2])
-    assert layer.feedback.shape == (2, 6)
+    torch.testing.assert_close(db, g2.sum(0))  # the bias gradient stays dense
+    assert (dw[[1, 2, 4, 5]] == 0).all() and (dw[[0, 3]] != 0).all()
+    torch.testing.assert_close(layer.feedback, torch.tensor([0, 15, 12, 0, 3, 1.5], dtype=torch.float64))
+    torch.autograd.grad(layer(x[:2]), (layer.weight,), g2[:2])  # another batch size: the memory carries on
+    assert layer.feedback.shape == (6,)
 
 
 def test_feedback_buffer_in_state_dict_both_ways():
     layer = meprop.Linear(4, 6, k=2, error_feedback=True)
+    assert layer.state_dict()["feedback"].numel() == 0  # empty before the first backward
     layer(torch.randn(3, 4)).sum().backward()
     state = layer.state_dict()
-    assert state["feedback"].shape == (3, 6)
+    assert state["feedback"].shape == (6,)
     other = meprop.Linear(4, 6, k=2, error_feedback=True)
-    other.load_state_dict(state)  # any stored shape
+    other.load_state_dict(state)
     assert torch.equal(other.feedback, layer.feedback)
     other.load_state_dict(nn.Linear(4, 6).state_dict())  # a plain layer's state: empty memory
     assert other.feedback.numel() == 0
     conv = meprop.Conv2d(2, 4, 1, k=1, error_feedback=True)
     conv(torch.randn(2, 2, 3, 3)).sum().backward()
-    assert conv.state_dict()["feedback"].shape == (2, 4, 3, 3)
+    assert conv.state_dict()["feedback"].shape == (4,)
+    with pytest.raises(ValueError, match="error_feedback needs mode='unified'"):
+        meprop.Conv2d(2, 4, 1, k=1, error_feedback=True, mode="random_unified")
 
 
 def test_conv_adaptive_and_error_feedback_match_oracle():
@@ -102,16 +112,16 @@ def test_conv_adaptive_and_error_feedback_match_oracle():
     dense = nn.Conv2d(3, 8, 3, padding=1).double()
     layer = meprop.Conv2d.from_conv(dense, k=meprop.Adaptive(0.6), error_feedback=True)
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
-    scale = (torch.arange(8) + 1.0)[None, :, None, None]
-    g1, g2 = torch.randn(2, 8, 5, 5, dtype=torch.float64) * scale, torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    g1 = scaled_signs(2, [1, 2, 3, 4, 5, 6, 7, 8], 5, 5)  # scores 50 * scales, total 1800: 1080 needs 7, 6, 5, 4
+    g2 = scaled_signs(2, [6, 1, 2.5, 1, 7.5, 1, 1, 1], 5, 5)  # alone: 4, 0 (675 >= 630)
     torch.autograd.grad(layer(x), (layer.weight,), g1)
-    s1 = g1.abs().sum((0, 2, 3))
-    k1 = int(select(s1, meprop.Adaptive(0.6)).numel())
-    assert layer.last_k == k1
-    total = g2 + g1.clone().index_fill_(1, s1.topk(k1).indices, 0)
+    assert layer.last_k == 4
+    memory = torch.tensor([50, 100, 150, 200, 0, 0, 0, 0], dtype=torch.float64)
+    torch.testing.assert_close(layer.feedback, memory)
     (dw,) = torch.autograd.grad(layer(x), (layer.weight,), g2)
-    kept = select(total.abs().sum((0, 2, 3)), meprop.Adaptive(0.6))
-    mask = torch.zeros(8, dtype=torch.float64).index_fill_(0, kept, 1)[None, :, None, None]
-    y = dense(x)
-    (odw,) = torch.autograd.grad(y, (dense.weight,), total * mask)
+    # ranked: 50 * [7, 3, 5.5, 5, 7.5, 1, 1, 1] (total 1550): 375 + 350 + 275 = 1000 >= 930 keeps 4, 0, 2
+    assert layer.last_k == 3
+    mask = torch.zeros(8, dtype=torch.float64).index_fill_(0, torch.tensor([0, 2, 4]), 1)[None, :, None, None]
+    (odw,) = torch.autograd.grad(dense(x), (dense.weight,), g2 * mask)
     torch.testing.assert_close(dw, odw)
+    torch.testing.assert_close(layer.feedback, 50 * torch.tensor([0, 3, 0, 5, 0, 1, 1, 1], dtype=torch.float64))

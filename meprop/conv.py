@@ -338,7 +338,8 @@ class Conv2d(selection.FeedbackMixin, nn.Conv2d):
             None: dense backward. The ``k`` of the last backward is ``last_k``.
         mode: ``"unified"`` (default) or ``"random_unified"``.
         backend: None (automatic), ``"cpu"``, ``"cuda"`` or ``"reference"``.
-        error_feedback: carry the dropped channels' scores into the next selection (:mod:`meprop.selection`).
+        error_feedback: carry the dropped channels' scores into the next selection (True or a memory decay in
+            (0, 1]; :mod:`meprop.selection`).
         generator: random source of ``"random_unified"``.
     """
 
@@ -359,7 +360,7 @@ class Conv2d(selection.FeedbackMixin, nn.Conv2d):
         k,
         mode: str = "unified",
         backend: str | None = None,
-        error_feedback: bool = False,
+        error_feedback: bool | float = False,
         generator: torch.Generator | None = None,
     ) -> None:
         if groups != 1:
@@ -454,5 +455,5 @@ class Conv2d(selection.FeedbackMixin, nn.Conv2d):
         if self.backend is not None:
             text += f", backend={self.backend!r}"
         if self.error_feedback:
-            text += ", error_feedback=True"
+            text += f", error_feedback={self.feedback_decay}"
         return text

@@ -37,8 +37,8 @@ class Linear(selection.FeedbackMixin, nn.Linear):
             summed over the process group, so that DDP's averaged gradient is the single-process meProp gradient
             of the global batch (unified modes; see :mod:`meprop.distributed`). Eager mode only.
         process_group: the group sharing the selection (None: the default group); with ``sync_selection`` only.
-        error_feedback: carry the dropped columns' scores into the next step's selection (unified mode; the
-            memory is the ``feedback`` buffer, see :mod:`meprop.selection`).
+        error_feedback: carry the dropped columns' scores into the next step's selection (unified mode; True
+            or a memory decay in (0, 1]; the memory is the ``feedback`` buffer, see :mod:`meprop.selection`).
     """
 
     def __init__(
@@ -56,7 +56,7 @@ class Linear(selection.FeedbackMixin, nn.Linear):
         generator: torch.Generator | None = None,
         sync_selection: bool = False,
         process_group=None,
-        error_feedback: bool = False,
+        error_feedback: bool | float = False,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_feedback(error_feedback, device, dtype)
@@ -167,7 +167,7 @@ class Linear(selection.FeedbackMixin, nn.Linear):
         if self.sync_selection:
             text += ", sync_selection=True"
         if self.error_feedback:
-            text += ", error_feedback=True"
+            text += f", error_feedback={self.feedback_decay}"
         return text
 
 

@@ -6,9 +6,10 @@
   records the ``k`` it used in ``last_k`` (an int; None before the first backward).
 - Error feedback (``error_feedback=True`` on a layer, memorized sparse backprop in the unified form): the
   scores of the dropped columns / channels are carried to the next step. The layer's ``feedback`` buffer
-  ``m (width,)`` holds, for each column, the scores it has accumulated since it was last kept; the next
-  selection ranks ``s + m`` (``s`` that step's scores), the kept columns' memory is cleared and the dropped
-  ones keep ``s + m``. A column whose gradient is repeatedly just below the cut therefore enters a later
+  ``m (width,)`` holds, for each column, the decayed scores it has accumulated since it was last kept; the
+  next selection ranks ``s + m`` (``s`` that step's scores), the kept columns' memory is cleared and the
+  dropped ones keep ``decay * (s + m)`` (``error_feedback=True``: ``decay`` = :data:`FEEDBACK_DECAY`, 0.5; a
+  number in (0, 1] sets it). A column whose gradient is repeatedly just below the cut therefore enters a later
   selection, and its update then is that step's kept column of ``dy`` (the products stay those of the ``k``
   kept columns). What is not carried is the dropped columns' share of the weight gradient itself: that is
   the product ``dy[:, D]^T x`` over the dropped columns ``D``, i.e. the dense weight-gradient cost meProp
@@ -29,7 +30,7 @@ import numbers
 
 import torch
 
-__all__ = ["Adaptive", "FeedbackMixin", "resolve", "select"]
+__all__ = ["FEEDBACK_DECAY", "Adaptive", "FeedbackMixin", "feedback_decay", "resolve", "select"]
 
 
 class Adaptive:
@@ -112,13 +113,30 @@ def select(scores: torch.Tensor, k, where: str = "meprop") -> torch.Tensor:
     return order[:k]
 
 
+FEEDBACK_DECAY = 0.5
+"""The memory's decay for ``error_feedback=True``: a column dropped on every step settles at a memory equal to
+its score (``m = decay (s + m)``), so its ranked score is twice its own."""
+
+
+def feedback_decay(error_feedback, where: str) -> float:
+    """The decay of an ``error_feedback`` option: True gives :data:`FEEDBACK_DECAY`, a number in (0, 1] is the
+    decay itself (1: the dropped scores are summed until the column is kept)."""
+    if error_feedback is True:
+        return FEEDBACK_DECAY
+    if isinstance(error_feedback, bool) or not isinstance(error_feedback, numbers.Real) or not 0.0 < float(error_feedback) <= 1.0:
+        raise ValueError(f"{where} must be a bool or a decay in (0, 1], got {error_feedback!r}")
+    return float(error_feedback)
+
+
 class FeedbackMixin:
     """The state meprop layers share: ``last_k`` (the ``k`` of the last backward) and, with error feedback,
     the ``feedback`` buffer (the dropped columns' accumulated scores ``(width,)``; empty until the first backward)."""
 
-    def _init_feedback(self, error_feedback: bool, device=None, dtype=None) -> None:
+    def _init_feedback(self, error_feedback, device=None, dtype=None) -> None:
         self.last_k = None
-        self.error_feedback = bool(error_feedback)
+        self.error_feedback = error_feedback is not False and error_feedback is not None
+        where = f"{getattr(self, '_where', 'meprop')}: error_feedback"
+        self.feedback_decay = feedback_decay(error_feedback, where) if self.error_feedback else None
         if self.error_feedback:
             self.register_buffer("feedback", torch.zeros(0, device=device, dtype=dtype))
 
@@ -130,9 +148,12 @@ class FeedbackMixin:
         return scores.clone()
 
     def _store_feedback(self, ranked: torch.Tensor, kept: torch.Tensor) -> None:
-        """Keep the scores ``ranked (width,)`` the selection used, with the ``kept`` columns cleared, as the
-        next memory (``ranked`` is modified in place)."""
-        self.feedback = ranked.index_fill_(0, kept, 0).detach().to(self.feedback.dtype)
+        """Keep ``decay`` times the scores ``ranked (width,)`` the selection used, with the ``kept`` columns
+        cleared, as the next memory (``ranked`` is modified in place)."""
+        ranked = ranked.index_fill_(0, kept, 0).detach()
+        if self.feedback_decay != 1.0:
+            ranked.mul_(self.feedback_decay)
+        self.feedback = ranked.to(self.feedback.dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         if getattr(self, "error_feedback", False):

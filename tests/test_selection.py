@@ -76,15 +76,15 @@ def test_linear_error_feedback_carries_the_dropped_scores():
     g2 = scaled_signs(3, [5, 3, 1, 2.5, 1, 0.5])  # alone it would keep 0, 1
     torch.autograd.grad(layer(x), (x, layer.weight), g1)
     assert layer.last_k == 2
-    torch.testing.assert_close(layer.feedback, torch.tensor([3, 6, 9, 12, 0, 0], dtype=torch.float64))
+    torch.testing.assert_close(layer.feedback, torch.tensor([1.5, 3, 4.5, 6, 0, 0], dtype=torch.float64))  # decay 0.5
     dx, dw, db = torch.autograd.grad(layer(x), (x, layer.weight, layer.bias), g2)
-    # ranked: 3 * [5, 3, 1, 2.5, 1, .5] + [3, 6, 9, 12, 0, 0] = [18, 15, 12, 19.5, 3, 1.5]: keeps 3 and 0
+    # ranked: 3 * [5, 3, 1, 2.5, 1, .5] + [1.5, 3, 4.5, 6, 0, 0] = [16.5, 12, 7.5, 13.5, 3, 1.5]: keeps 0 and 3
     odx, odw = masked_linear_grads(x, layer.weight, g2, torch.tensor([3, 0]))
     torch.testing.assert_close(dx, odx)
     torch.testing.assert_close(dw, odw)
     torch.testing.assert_close(db, g2.sum(0))  # the bias gradient stays dense
     assert (dw[[1, 2, 4, 5]] == 0).all() and (dw[[0, 3]] != 0).all()
-    torch.testing.assert_close(layer.feedback, torch.tensor([0, 15, 12, 0, 3, 1.5], dtype=torch.float64))
+    torch.testing.assert_close(layer.feedback, torch.tensor([0, 6, 3.75, 0, 1.5, 0.75], dtype=torch.float64))
     torch.autograd.grad(layer(x[:2]), (layer.weight,), g2[:2])  # another batch size: the memory carries on
     assert layer.feedback.shape == (6,)
 
@@ -105,12 +105,16 @@ def test_feedback_buffer_in_state_dict_both_ways():
     assert conv.state_dict()["feedback"].shape == (4,)
     with pytest.raises(ValueError, match="error_feedback needs mode='unified'"):
         meprop.Conv2d(2, 4, 1, k=1, error_feedback=True, mode="random_unified")
+    for bad in (0.0, 1.5, "yes"):
+        with pytest.raises(ValueError, match=r"meprop.Linear\(4, 6\): error_feedback must be a bool or a decay"):
+            meprop.Linear(4, 6, k=2, error_feedback=bad)
+    assert "error_feedback=0.5" in repr(layer)
 
 
 def test_conv_adaptive_and_error_feedback_match_oracle():
     torch.manual_seed(0)
     dense = nn.Conv2d(3, 8, 3, padding=1).double()
-    layer = meprop.Conv2d.from_conv(dense, k=meprop.Adaptive(0.6), error_feedback=True)
+    layer = meprop.Conv2d.from_conv(dense, k=meprop.Adaptive(0.6), error_feedback=1.0)  # no decay
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
     g1 = scaled_signs(2, [1, 2, 3, 4, 5, 6, 7, 8], 5, 5)  # scores 50 * scales, total 1800: 1080 needs 7, 6, 5, 4
     g2 = scaled_signs(2, [6, 1, 2.5, 1, 7.5, 1, 1, 1], 5, 5)  # alone: 4, 0 (675 >= 630)

@@ -7,7 +7,8 @@ Experiments (each writes ``benchmarks/results/real_models-<name>[-<tag>].json``;
   ``--train`` images.
 - ``text``: a small Transformer encoder classifier (word embeddings, explicit q/k/v/o and FFN ``nn.Linear``
   layers, mean pooling) on a text set of ``../shared/data/text`` (default rotten_tomatoes), every Linear
-  converted; test accuracy.
+  converted (``--dense-head`` keeps the output layer dense); the test accuracy of the epoch with the best
+  validation accuracy (the set's validation split; the per-epoch curves are saved).
 - ``hf``: a BERT-style classifier and a GPT-2-style language model built from Hugging Face configs (random
   init, no hub download), trained ``--steps`` steps on the local text with a word-level vocabulary; loss curves.
 
@@ -15,8 +16,8 @@ Denormals are flushed (``torch.set_flush_denormal``). Each run records the backw
 and the whole step time per step (medians), and for adaptive k the mean ``last_k`` per layer. Variants: ``dense``, ``k`` (fixed ratio ``--ratio``), ``adaptive``
 (``meprop.Adaptive(--mass, max_k=--max-ratio)``), ``feedback`` (fixed k with error feedback).
 
-    python benchmarks/real_models.py mnist --seeds 0,1,2 --epochs 1 --train 20000
-    python benchmarks/real_models.py text --seeds 0,1,2 --epochs 3
+    python benchmarks/real_models.py mnist --seeds 0,1,2 --epochs 2 --train 60000 --max-ratio 0.25
+    python benchmarks/real_models.py text --seeds 0,1,2 --epochs 6 --ratio 0.0625 --max-ratio 0.125 --dense-head
     python benchmarks/real_models.py hf --steps 300
     python benchmarks/real_models.py plot
 """
@@ -94,11 +95,20 @@ def adaptive_ks(model, counts):
 
 
 # ---------------------------------------------------------------- MNIST CNN
-def train_classifier(model, x, y, seed, args):
+def accuracy(model, x, y, chunk=500) -> float:
+    """Accuracy (%) of ``model`` on ``x (N, ...)``, ``y (N,)``, in eval mode without autograd."""
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(x[i : i + chunk]).argmax(1) for i in range(0, len(x), chunk)])
+    return (pred == y).float().mean().item() * 100
+
+
+def train_classifier(model, x, y, seed, args, evaluate):
     """Adam (lr 1e-3), ``args.epochs`` epochs of shuffled batches of ``args.batch`` with cross-entropy on ``x (N, ...)``,
-    ``y (N,)``; leaves ``model`` in eval mode. Returns the Timer and the k used per adaptive layer and step."""
+    ``y (N,)``; ``evaluate(model) -> dict`` after every epoch. Returns the Timer, the k used per adaptive layer and
+    step, and the list of per-epoch evaluations."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    timer, ks = Timer(), collections.defaultdict(list)
+    timer, ks, curve = Timer(), collections.defaultdict(list), []
     gen = torch.Generator().manual_seed(seed)
     for _ in range(args.epochs):
         model.train()
@@ -107,8 +117,8 @@ def train_classifier(model, x, y, seed, args):
             idx = order[i : i + args.batch]
             train_step(model, lambda: F.cross_entropy(model(x[idx]), y[idx]), opt, timer)
             adaptive_ks(model, ks)
-    model.eval()
-    return timer, ks
+        curve.append(evaluate(model))
+    return timer, ks, curve
 
 
 MNIST_CONVS = ["0", "3", "5", "8"]
@@ -135,12 +145,10 @@ def run_mnist(variant, seed, args, data):
         meprop.convert(model, target_modules=MNIST_CONVS, **options)  # every conv layer
     x = data.train_images[: args.train].float().div(255).unsqueeze(1)
     y = data.train_labels[: args.train]
-    timer, ks = train_classifier(model, x, y, seed, args)
-    with torch.no_grad():
-        tx = data.test_images.float().div(255).unsqueeze(1)
-        pred = torch.cat([model(tx[i : i + 1000]).argmax(1) for i in range(0, len(tx), 1000)])
-    acc = (pred == data.test_labels).float().mean().item() * 100
-    return {"accuracy": acc, **timer.summary(), "mean_k": {n: statistics.mean(v) for n, v in ks.items()}}
+    tx = data.test_images.float().div(255).unsqueeze(1)
+    timer, ks, curve = train_classifier(model, x, y, seed, args, lambda m: {"test": accuracy(m, tx, data.test_labels)})
+    return {"accuracy": curve[-1]["test"], "curve": curve, **timer.summary(),  # the final epoch's
+            "mean_k": {n: statistics.mean(v) for n, v in ks.items()}}
 
 
 # ---------------------------------------------------------------- text
@@ -207,31 +215,32 @@ class TextClassifier(nn.Module):
 def load_text(args):
     root = DATA / "text" / args.dataset
     train, ytrain = read_tsv(root / "train.tsv")
+    valid, yvalid = read_tsv(root / "validation.tsv")
     test, ytest = read_tsv(root / "test.tsv")
     vocab = vocabulary(train, args.vocab)
-    return encode(train, vocab, args.length), ytrain, encode(test, vocab, args.length), ytest, int(ytrain.max()) + 1
+    return {"train": (encode(train, vocab, args.length), ytrain), "validation": (encode(valid, vocab, args.length), yvalid),
+            "test": (encode(test, vocab, args.length), ytest), "classes": int(ytrain.max()) + 1}
 
 
 def run_text(variant, seed, args, data):
-    xtr, ytr, xte, yte, classes = data
-    xtr, ytr = xtr[: args.train], ytr[: args.train]
+    xtr, ytr = (t[: args.train] for t in data["train"])
     torch.manual_seed(seed)
-    model = TextClassifier(args.vocab, classes, d=args.width, ff=args.ff, length=args.length)
+    model = TextClassifier(args.vocab, data["classes"], d=args.width, ff=args.ff, length=args.length)
     options = variant_options(variant, args)
     if options is not None:
         meprop.convert(model, exclude_modules=["head"] if args.dense_head else None, **options)  # every Linear
-    timer, ks = train_classifier(model, xtr, ytr, seed, args)
-    with torch.no_grad():
-        pred = torch.cat([model(xte[i : i + 500]).argmax(1) for i in range(0, len(xte), 500)])
-    acc = (pred == yte).float().mean().item() * 100
-    return {"accuracy": acc, **timer.summary(), "mean_k": {n: statistics.mean(v) for n, v in ks.items()}}
+    timer, ks, curve = train_classifier(
+        model, xtr, ytr, seed, args, lambda m: {split: accuracy(m, *data[split]) for split in ("validation", "test")})
+    best = max(range(len(curve)), key=lambda e: curve[e]["validation"])  # first epoch with the best validation
+    return {"accuracy": curve[best]["test"], "best_epoch": best + 1, "curve": curve, **timer.summary(),
+            "mean_k": {n: statistics.mean(v) for n, v in ks.items()}}
 
 
 # ---------------------------------------------------------------- Hugging Face models from configs
 def run_hf(variant, seed, args, data):
     import transformers
 
-    xtr, ytr, _, _, classes = data
+    (xtr, ytr), classes = data["train"], data["classes"]
     torch.manual_seed(seed)
     curves = {}
     timings = {}
@@ -350,13 +359,24 @@ def plot(args):
                              f"{r.get('accuracy_vs_dense', 0):+.2f} | {r['backward_ms']:.1f} | "
                              f"{r.get('backward_speedup', 1):.2f}x | {r['step_ms']:.1f} | "
                              f"{', '.join(f'{n}: {k:.1f}' for n, k in r['mean_k'].items())} |")
-            fig, ax = plt.subplots(figsize=(5, 3.5))
+            selected = data["experiment"] == "text"
+            lines += ["", "Accuracy: the test accuracy at the epoch of best validation accuracy." if selected
+                      else "Accuracy: the test accuracy after the last epoch."]
+            fig, (ax, curves) = plt.subplots(1, 2, figsize=(10, 3.5))
             for v, r in rows.items():
                 ax.errorbar(r["backward_ms"], r["accuracy_mean"], yerr=r["accuracy_std"], fmt="o", label=v)
+                per_epoch = [[c["validation" if selected else "test"] for c in run["curve"]]
+                             for run in data["runs"] if run["variant"] == v and "curve" in run]
+                if per_epoch:
+                    curves.plot(range(1, len(per_epoch[0]) + 1), [statistics.mean(e) for e in zip(*per_epoch)],
+                                marker="o", label=v)
             ax.set_xlabel("backward per step (ms, median)")
             ax.set_ylabel("test accuracy (%)")
             ax.set_title(path.stem)
             ax.legend()
+            curves.set_xlabel("epoch")
+            curves.set_ylabel(f"{'validation' if selected else 'test'} accuracy (%, mean over seeds)")
+            curves.legend()
         else:
             fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
             lines += ["| variant | model | final loss (mean of last 20) | backward ms | step ms |",

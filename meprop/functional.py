@@ -247,13 +247,13 @@ class _ControlledLinear(torch.autograd.Function):
                 dw = (dy.t() @ x) if need_dw else None
                 if dw is not None and ctx.sparse_grad:
                     dw = dw.to_sparse()
+                db = dy.sum(0, dtype=accumulate_dtype(dy.dtype)).to(dy.dtype) if need_db else None
             else:
-                dx, dw, _ = linear_backward(
-                    dy, x, weight, k=kept.numel(), backend=backend, input_grad=need_dx,
-                    weight_grad=need_dw, bias_grad=False, sparse_grad=ctx.sparse_grad, idx=kept,
+                dx, dw, db = linear_backward(  # eager only (controlled_linear), so the dW buffer may be reused
+                    dy, x, weight, k=kept.numel(), backend=backend, input_grad=need_dx, weight_grad=need_dw,
+                    bias_grad=need_db, sparse_grad=ctx.sparse_grad, idx=kept, reuse_grad=True,
                 )
                 dx = dx.reshape(input.shape) if need_dx else None
-        db = dy.sum(0, dtype=accumulate_dtype(dy.dtype)).to(dy.dtype) if need_db and ctx.has_bias else None
         if feedback:
             owner._store_feedback(ranked, kept)
         return dx, dw, db, None, None, None, None, None

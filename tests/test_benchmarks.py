@@ -90,10 +90,14 @@ def test_real_models_text_run_writes_json(tmp_path):
     if not (data / "text" / "rotten_tomatoes" / "train.tsv").exists():
         pytest.skip(f"no rotten_tomatoes under {data} (set MEPROP_DATA)")
     _run("real_models.py", "text", "--seeds", "0", "--variants", "dense,adaptive,feedback", "--train", "64",
-         "--length", "12", "--vocab", "200", "--out-dir", str(tmp_path))
+         "--length", "12", "--vocab", "200", "--epochs", "2", "--out-dir", str(tmp_path))
     runs = json.loads((tmp_path / "real_models-text.json").read_text())["runs"]
     assert [r["variant"] for r in runs] == ["dense", "adaptive", "feedback"]
     assert runs[1]["mean_k"] and all(0 <= r["accuracy"] <= 100 for r in runs)
+    for r in runs:  # the reported accuracy is the test accuracy of the epoch with the best validation accuracy
+        assert len(r["curve"]) == 2 and set(r["curve"][0]) == {"validation", "test"}
+        best = max(r["curve"], key=lambda c: c["validation"])
+        assert r["curve"].index(best) == r["best_epoch"] - 1 and r["accuracy"] == best["test"]
 
 
 def test_al_results_reruns_only_runs_whose_settings_changed(tmp_path, monkeypatch):

@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import meprop  # noqa: E402
 from meprop.data import load_mnist  # noqa: E402
+from meprop.mnist import accuracy  # noqa: E402
 from speed import describe_machine  # noqa: E402  (benchmarks/speed.py)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -95,14 +96,6 @@ def adaptive_ks(model, counts):
 
 
 # ---------------------------------------------------------------- MNIST CNN
-def accuracy(model, x, y, chunk=500) -> float:
-    """Accuracy (%) of ``model`` on ``x (N, ...)``, ``y (N,)``, in eval mode without autograd."""
-    model.eval()
-    with torch.no_grad():
-        pred = torch.cat([model(x[i : i + chunk]).argmax(1) for i in range(0, len(x), chunk)])
-    return (pred == y).float().mean().item() * 100
-
-
 def train_classifier(model, x, y, seed, args, evaluate):
     """Adam (lr 1e-3), ``args.epochs`` epochs of shuffled batches of ``args.batch`` with cross-entropy on ``x (N, ...)``,
     ``y (N,)``; ``evaluate(model) -> dict`` after every epoch. Returns the Timer, the k used per adaptive layer and
@@ -218,7 +211,8 @@ def load_text(args):
     valid, yvalid = read_tsv(root / "validation.tsv")
     test, ytest = read_tsv(root / "test.tsv")
     vocab = vocabulary(train, args.vocab)
-    return {"train": (encode(train, vocab, args.length), ytrain), "validation": (encode(valid, vocab, args.length), yvalid),
+    return {"train": (encode(train, vocab, args.length), ytrain),
+            "validation": (encode(valid, vocab, args.length), yvalid),
             "test": (encode(test, vocab, args.length), ytest), "classes": int(ytrain.max()) + 1}
 
 
@@ -229,8 +223,9 @@ def run_text(variant, seed, args, data):
     options = variant_options(variant, args)
     if options is not None:
         meprop.convert(model, exclude_modules=["head"] if args.dense_head else None, **options)  # every Linear
+    splits = ("validation", "test")
     timer, ks, curve = train_classifier(
-        model, xtr, ytr, seed, args, lambda m: {split: accuracy(m, *data[split]) for split in ("validation", "test")})
+        model, xtr, ytr, seed, args, lambda m: {split: accuracy(m, *data[split], batch=500) for split in splits})
     best = max(range(len(curve)), key=lambda e: curve[e]["validation"])  # first epoch with the best validation
     return {"accuracy": curve[best]["test"], "best_epoch": best + 1, "curve": curve, **timer.summary(),
             "mean_k": {n: statistics.mean(v) for n, v in ks.items()}}

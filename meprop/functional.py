@@ -219,7 +219,6 @@ class _ControlledLinear(torch.autograd.Function):
     def forward(ctx, input, weight, bias, k, backend, sparse_grad, owner, where):
         ctx.save_for_backward(input, weight)
         ctx.k, ctx.backend, ctx.sparse_grad, ctx.owner, ctx.where = k, backend, sparse_grad, owner, where
-        ctx.has_bias = bias is not None
         return F.linear(input, weight, bias)
 
     @staticmethod

@@ -88,6 +88,22 @@ inline void like(const char* op, const char* name, const at::Tensor& t, const ch
                     other_name, " is on ", other.device());
 }
 
+// t is a 1-D tensor of dy's accumulation dtype (float64 for float64, else float32) on dy's device.
+inline void accumulator(const char* op, const char* name, const at::Tensor& t, const at::Tensor& dy) {
+  array(op, name, t, 1);
+  const at::ScalarType want = acc_dtype(dy.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == want, "meprop.", op, ": ", name, " must be ", dtype_name(want),
+                   " (the accumulation dtype of ", dtype_name(dy.scalar_type()), " dy), got ",
+                   dtype_name(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.device() == dy.device(), "meprop.", op, ": ", name, " is on ", t.device(), " but dy is on ",
+                    dy.device());
+}
+
+// value lies in (0, 1].
+inline void decay(const char* op, double value) {
+  TORCH_CHECK_VALUE(value > 0.0 && value <= 1.0, "meprop.", op, ": decay must lie in (0, 1], got ", value);
+}
+
 // k lies in [1, n_cols].
 inline void k_range(const char* op, int64_t k, int64_t n_cols) {
   TORCH_CHECK_VALUE(k >= 1 && k <= n_cols, "meprop.", op, ": k must lie in [1, ", n_cols, "], got ", k);
@@ -166,6 +182,15 @@ inline void scatter_rows(const at::Tensor& rows, const at::Tensor& idx, int64_t 
   matrix(op, "rows", rows);
   index(op, "idx", idx, 1, rows);
   size_match(op, "idx entries and rows", idx.size(0), rows.size(0));
+}
+
+// topk_unified_feedback: dy (N, out), k in [1, out], memory (out,) of the accumulation dtype, decay in (0, 1].
+inline void topk_unified_feedback(const at::Tensor& dy, const at::Tensor& memory, int64_t k, double decay_value) {
+  matrix("topk_unified_feedback", "dy", dy);
+  k_range("topk_unified_feedback", k, dy.size(1));
+  accumulator("topk_unified_feedback", "memory", memory, dy);
+  size_match("topk_unified_feedback", "memory entries and dy columns", memory.size(0), dy.size(1));
+  decay("topk_unified_feedback", decay_value);
 }
 
 // The fused backward ops: dy (N, out), x (N, in), weight (out, in), k in [1, out], and idx (k distinct columns,

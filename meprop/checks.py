@@ -25,6 +25,8 @@ __all__ = [
     "out_features",
     "index",
     "index_values",
+    "accumulator",
+    "decay",
 ]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -73,6 +75,22 @@ def like(op: str, name: str, t: torch.Tensor, like_name: str, other: torch.Tenso
         raise TypeError(f"{_prefix(op)}{name} is {t.dtype} but {like_name} is {other.dtype}")
     if t.device != other.device:
         raise ValueError(f"{_prefix(op)}{name} is on {t.device} but {like_name} is on {other.device}")
+
+
+def accumulator(op: str, name: str, t, dy: torch.Tensor) -> None:
+    """``t`` is a 1-D tensor of ``dy``'s accumulation dtype (float64 for float64, else float32) on its device."""
+    array(op, name, t, 1)
+    want = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    if t.dtype != want:
+        raise TypeError(f"{_prefix(op)}{name} must be {want} (the accumulation dtype of {dy.dtype} dy), got {t.dtype}")
+    if t.device != dy.device:
+        raise ValueError(f"{_prefix(op)}{name} is on {t.device} but dy is on {dy.device}")
+
+
+def decay(op: str, value) -> None:
+    """``value`` is a number in ``(0, 1]``."""
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{_prefix(op)}decay must lie in (0, 1], got {value:g}")
 
 
 def k_range(op: str, k, n_cols) -> None:

@@ -253,10 +253,11 @@ class _SparseConv2d(torch.autograd.Function):
         if ctx.mode == "random_unified":
             kept = torch.randperm(dy.shape[1], generator=ctx.generator, device=dy.device)[: ctx.k]
         else:
-            ranked = channel_scores(dy)
+            scores = channel_scores(dy)
             if feedback:
-                ranked = owner._feedback_scores(ranked)
-            kept = selection.select(ranked, ctx.k, "meprop.Conv2d")
+                kept = owner._feedback_select(scores, ctx.k, "meprop.Conv2d")
+            else:
+                kept = selection.select(scores, ctx.k, "meprop.Conv2d")
         if owner is not None:
             owner.last_k = kept.numel()
         off = functional._autocast_on(dy.device.type)
@@ -265,8 +266,6 @@ class _SparseConv2d(torch.autograd.Function):
                 dy, input, weight, kept, *ctx.conv, backend=ctx.backend, input_grad=need_dx, weight_grad=need_dw
             )
         db = _bias_grad(grad_output)
-        if feedback:
-            owner._store_feedback(ranked, kept)
         return dx, dw, db if need_db and ctx.has_bias else None, *([None] * 8)
 
 

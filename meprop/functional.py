@@ -233,28 +233,32 @@ class _ControlledLinear(torch.autograd.Function):
         x = input.reshape(dy.shape[0], weight.shape[1])
         feedback = owner is not None and owner.error_feedback
         backend = backends.loaded(ctx.backend)
-        ranked = backend.column_scores(dy)
-        if feedback:
-            ranked = owner._feedback_scores(ranked)
-        kept = selection.select(ranked, ctx.k, ctx.where)
+        db = None
+        if feedback and not isinstance(ctx.k, selection.Adaptive):  # one op: scores, memory, selection and db
+            memory = owner._feedback_memory(out, accumulate_dtype(dy.dtype))
+            kept, owner.feedback, db = backend.topk_unified_feedback(dy, memory, ctx.k, owner.feedback_decay, need_db)
+            db = db if need_db else None
+        elif feedback:
+            kept = owner._feedback_select(backend.column_scores(dy), ctx.k, ctx.where)
+        else:
+            kept = selection.select(backend.column_scores(dy), ctx.k, ctx.where)
         if owner is not None:
             owner.last_k = kept.numel()
         off = _autocast_on(dy.device.type)
         with torch.autocast(dy.device.type, enabled=False) if off else contextlib.nullcontext():
-            if kept.numel() >= out:  # the whole layer kept: the dense products
+            if kept.numel() >= out:  # the whole layer kept (an Adaptive k): the dense products
                 dx = (dy @ weight).reshape(input.shape) if need_dx else None
                 dw = (dy.t() @ x) if need_dw else None
                 if dw is not None and ctx.sparse_grad:
                     dw = dw.to_sparse()
                 db = dy.sum(0, dtype=accumulate_dtype(dy.dtype)).to(dy.dtype) if need_db else None
             else:
-                dx, dw, db = linear_backward(  # eager only (controlled_linear), so the dW buffer may be reused
+                dx, dw, db_products = linear_backward(  # eager only (controlled_linear): the dW buffer may be reused
                     dy, x, weight, k=kept.numel(), backend=backend, input_grad=need_dx, weight_grad=need_dw,
-                    bias_grad=need_db, sparse_grad=ctx.sparse_grad, idx=kept, reuse_grad=True,
+                    bias_grad=need_db and db is None, sparse_grad=ctx.sparse_grad, idx=kept, reuse_grad=True,
                 )
                 dx = dx.reshape(input.shape) if need_dx else None
-        if feedback:
-            owner._store_feedback(ranked, kept)
+                db = db if db is not None else db_products
         return dx, dw, db, None, None, None, None, None
 
 

@@ -60,6 +60,20 @@ def _topk(op: str, dy, k) -> None:
     checks.k_range(op, k, dy.shape[1])
 
 
+def _topk_feedback(dy, memory, k, decay, bias_grad) -> None:
+    op = "topk_unified_feedback"
+    _topk(op, dy, k)
+    checks.accumulator(op, "memory", memory, dy)
+    checks.size_match(op, "memory entries and dy columns", memory.shape[0], dy.shape[1])
+    checks.decay(op, decay)
+
+
+def _topk_feedback_shapes(dy, memory, k, decay, bias_grad):
+    """(kept (k,), memory (out,), db (out,) or empty) of topk_unified_feedback."""
+    db = dy.new_empty((dy.shape[1],) if bias_grad else (0,))
+    return dy.new_empty((k,), dtype=torch.long), memory.new_empty(memory.shape), db
+
+
 # The checks of each op: metadata first, index values last (csrc/checks.h has the same sequence).
 def _input_grad_unified(dy, weight, idx) -> None:
     op = "linear_input_grad_unified"
@@ -272,6 +286,16 @@ OPS: dict[str, OpDef] = _table(
         lambda dy: checks.matrix("column_scores", "dy", dy),
         lambda dy: dy.new_empty((dy.shape[1],), dtype=accumulate_dtype(dy.dtype)),
         "scores (out,) = sum_n |dy[n, j]| of dy (N, out), in the accumulation dtype: what topk_unified ranks.",
+    ),
+    OpDef(
+        "topk_unified_feedback",
+        "(Tensor dy, Tensor memory, int k, float decay, bool bias_grad) -> (Tensor, Tensor, Tensor)",
+        _topk_feedback,
+        _topk_feedback_shapes,
+        "Unified top-k with error feedback, in one pass over dy (N, out): (kept (k,), memory' (out,), db). The ranked "
+        "scores are r = sum_n |dy[n, j]| + memory (memory (out,) in the accumulation dtype); kept = the k columns of "
+        "largest |r| in selection order; memory' = decay * r with the kept columns 0; db = sum_n dy when bias_grad, "
+        "else empty. See meprop.selection.",
     ),
     OpDef(
         "topk_rows",

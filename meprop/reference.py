@@ -21,11 +21,13 @@ from __future__ import annotations
 import torch
 
 from .opdefs import OPS, accumulate_dtype
+from .selection import feedback_select
 
 __all__ = [
     "accumulate_dtype",
     "column_scores",
     "topk_unified",
+    "topk_unified_feedback",
     "topk_rows",
     "random_unified",
     "random_rows",
@@ -68,6 +70,22 @@ def topk_unified(dy: torch.Tensor, k: int) -> torch.Tensor:
     """
     OPS["topk_unified"].check(dy, k)
     return _order_desc(_column_scores(dy), 0)[:k].contiguous()
+
+
+def topk_unified_feedback(
+    dy: torch.Tensor, memory: torch.Tensor, k: int, decay: float, bias_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unified top-k with error feedback, for ``dy (N, out)`` and ``memory (out,)`` (accumulation dtype).
+
+    The ranked scores are ``r = sum_n |dy[n, j]| + memory[j]``. Returns ``(kept, next_memory, db)``: the ``k``
+    columns of largest ``|r|`` in selection order (int64 ``(k,)``), ``decay * r`` with the kept columns 0
+    (``(out,)``, memory's dtype; the memory is not modified) and ``db = sum_n dy`` (``(out,)``, dy's dtype) when
+    ``bias_grad``, else an empty tensor. :func:`meprop.selection.feedback_select` defines the selection.
+    """
+    OPS["topk_unified_feedback"].check(dy, memory, k, decay, bias_grad)
+    kept, memory = feedback_select(_column_scores(dy), memory.detach(), k, decay, "meprop.topk_unified_feedback")
+    db = dy.sum(0, dtype=accumulate_dtype(dy.dtype)).to(dy.dtype) if bias_grad else dy.new_empty((0,))
+    return kept.contiguous(), memory, db
 
 
 def topk_rows(dy: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,9 +15,11 @@
   the product ``dy[:, D]^T x`` over the dropped columns ``D``, i.e. the dense weight-gradient cost meProp
   avoids (the backward could then be at most ``2 / (1 + k / width)`` times faster than dense), and carrying
   ``dy`` itself into the next batch adds one batch's gradients to other examples (measured: 5 to 12 points
-  of accuracy lost, ``benchmarks/results/real_models.md``). The buffer is empty until the first backward; it
-  is persistent, so it is saved in ``state_dict`` (a state dict without it, e.g. that of a plain
-  ``nn.Linear``, resets it).
+  of accuracy lost, ``benchmarks/results/real_models.md``). The buffer is empty until the first backward and
+  then holds the scores' dtype (a Linear's: the accumulation dtype, float32 for 16-bit layers); it is
+  persistent, so it is saved in ``state_dict`` (a state dict without it, e.g. that of a plain ``nn.Linear``,
+  resets it). With an int ``k``, a Linear's selection, memory update and bias gradient are one op
+  (``topk_unified_feedback``: one pass over ``dy`` on CPU) before the compacted products.
 
 The selection order is the reference's (larger score first, ties by lower index). Choosing an adaptive ``k``
 reads one number back from the device (a synchronisation on CUDA).
@@ -30,7 +32,7 @@ import numbers
 
 import torch
 
-__all__ = ["FEEDBACK_DECAY", "Adaptive", "FeedbackMixin", "feedback_decay", "resolve", "select"]
+__all__ = ["FEEDBACK_DECAY", "Adaptive", "FeedbackMixin", "feedback_decay", "feedback_select", "resolve", "select"]
 
 
 class Adaptive:
@@ -113,6 +115,22 @@ def select(scores: torch.Tensor, k, where: str = "meprop") -> torch.Tensor:
     return order[:k]
 
 
+def feedback_select(scores: torch.Tensor, memory: torch.Tensor, k, decay: float, where: str = "meprop"):
+    """Error feedback's selection: ``(kept, next_memory)`` for ``scores (width,)`` and ``memory (width,)``.
+
+    The ranked scores are ``r = scores + memory``; ``kept`` are the columns of largest ``|r|`` as
+    :func:`select` chooses them (``k`` an int or an :class:`Adaptive`); ``next_memory = decay * r`` with the kept
+    columns 0 (a fresh tensor). The memory this writes is never negative, so ``|r| = r`` for the layers; the
+    op ``topk_unified_feedback`` is this with the scores of ``dy``.
+    """
+    ranked = scores + memory
+    kept = select(ranked.abs(), k, where)
+    ranked.index_fill_(0, kept, 0)
+    if decay != 1.0:
+        ranked.mul_(decay)
+    return kept, ranked
+
+
 FEEDBACK_DECAY = 0.5
 """The memory's decay for ``error_feedback=True``: a column dropped on every step settles at a memory equal to
 its score (``m = decay (s + m)``), so its ranked score is twice its own."""
@@ -140,20 +158,19 @@ class FeedbackMixin:
         if self.error_feedback:
             self.register_buffer("feedback", torch.zeros(0, device=device, dtype=dtype))
 
-    def _feedback_scores(self, scores: torch.Tensor) -> torch.Tensor:
-        """The selection scores ``scores (width,)`` plus the memory (a fresh tensor) when error feedback is on."""
+    def _feedback_memory(self, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """The memory as the selection takes it: ``(width,)`` of the scores' ``dtype`` (zeros while empty)."""
         memory = self.feedback
-        if memory.shape == scores.shape:
-            return scores + memory.to(scores.dtype)
-        return scores.clone()
+        if memory.shape[0] != width:
+            return torch.zeros(width, device=memory.device, dtype=dtype)
+        return memory if memory.dtype == dtype else memory.to(dtype)
 
-    def _store_feedback(self, ranked: torch.Tensor, kept: torch.Tensor) -> None:
-        """Keep ``decay`` times the scores ``ranked (width,)`` the selection used, with the ``kept`` columns
-        cleared, as the next memory (``ranked`` is modified in place)."""
-        ranked = ranked.index_fill_(0, kept, 0).detach()
-        if self.feedback_decay != 1.0:
-            ranked.mul_(self.feedback_decay)
-        self.feedback = ranked.to(self.feedback.dtype)
+    def _feedback_select(self, scores: torch.Tensor, k, where: str) -> torch.Tensor:
+        """The kept columns for ``scores (width,)`` with error feedback (:func:`feedback_select`); updates the
+        memory."""
+        memory = self._feedback_memory(scores.shape[0], scores.dtype)
+        kept, self.feedback = feedback_select(scores, memory, k, self.feedback_decay, where)
+        return kept
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         if getattr(self, "error_feedback", False):

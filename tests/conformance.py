@@ -118,6 +118,8 @@ def oracle(op: str, *args):
         dy, k = f64
         scores = [float(dy[:, j].abs().sum()) for j in range(dy.shape[1])]
         return torch.tensor(_order(scores, k), dtype=torch.long)
+    if op == "topk_unified_feedback":
+        return _oracle_feedback(*args)
     if op == "topk_rows":
         dy, k = f64
         idx = torch.tensor([_order(dy[n].abs().tolist(), k) for n in range(dy.shape[0])], dtype=torch.long)
@@ -152,6 +154,20 @@ def oracle(op: str, *args):
     if op == "lstm_forward":
         return _oracle_lstm_forward(*f64)
     raise KeyError(op)
+
+
+def _oracle_feedback(dy, memory, k, decay, bias_grad):
+    """topk_unified_feedback from its formula. The exact float64 column sums are rounded once to the memory's
+    dtype and added there (the kernels' one rounding: their sums of tie-free inputs are exact)."""
+    dy, memory = dy.detach().cpu(), memory.detach().cpu()
+    d64 = dy.double()
+    scores = torch.tensor([float(d64[:, j].abs().sum()) for j in range(dy.shape[1])], dtype=torch.float64)
+    ranked = scores.to(memory.dtype) + memory
+    kept = torch.tensor(_order([abs(v) for v in ranked.double().tolist()], k), dtype=torch.long)
+    following = ranked * decay
+    following[kept] = 0
+    db = d64.sum(0) if bias_grad else torch.zeros(0, dtype=torch.float64)
+    return kept, following, db
 
 
 def _oracle_lstm_forward(x, h0, c0, w_ih, w_hh, bias, sizes, reverse):

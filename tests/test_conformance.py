@@ -75,6 +75,9 @@ def _cases(op: str, dtype, device, gen, limit):
             yield (tie_free_columns(n, out, dtype, gen, device),)
             yield (gaussian((n, out), dtype, gen, device),)
             continue
+        if op == "topk_unified_feedback":
+            yield from _feedback_cases(n, out, dtype, gen, device, limit)
+            continue
         if op in ("topk_unified", "topk_rows"):
             make = tie_free_columns if op == "topk_unified" else tie_free_rows
             dy = make(n, out, dtype, gen, device)
@@ -113,6 +116,17 @@ def _cases(op: str, dtype, device, gen, limit):
                     yield vals, ridx, x, out, None
                     rows = torch.randperm(out, generator=gen)[: max(1, out // 2)].to(device)  # any order, any rows
                     yield vals, ridx, x, out, rows
+
+
+def _feedback_cases(n, out, dtype, gen, device, limit):
+    """Tie-free dy with a zero memory (the first step) and with the exact scores of another tie-free dy as the
+    memory (so that it reorders the selection); decays 1, 0.5 and an inexact 0.3; with and without db."""
+    acc = accumulate_dtype(dtype)
+    dy = tie_free_columns(n, out, dtype, gen, device)
+    memories = (torch.zeros(out, dtype=acc), oracle("column_scores", tie_free_columns(n, out, dtype, gen)).to(acc))
+    for i, k in enumerate(_ks(out, limit)):
+        for j, memory in enumerate(memories):
+            yield dy, memory.to(device), k, (1.0, 0.5, 0.3)[(i + j) % 3], (i + j) % 2 == 0
 
 
 def _backward_cases(op, n, out, n_in, dtype, gen, device, limit):
@@ -189,6 +203,15 @@ def _check(op: str, got, args, dtype, device) -> None:
     if op in ("lstm_backward", "lstm_forward"):
         for g, w in zip(got, want):
             assert_matches(g, w, dtype, device)
+        return
+    if op == "topk_unified_feedback":
+        kept, memory, db = got
+        assert kept.dtype == torch.long and torch.equal(kept.cpu(), want[0]), (kept, want[0])
+        assert memory.dtype == args[1].dtype and torch.equal(memory.cpu(), want[1]), (memory, want[1])
+        if args[4]:
+            assert_matches(db, want[2], dtype, device)
+        else:
+            assert db.numel() == 0, "db was not asked for"
         return
     if op == "column_scores":
         assert_matches(got, want, accumulate_dtype(dtype), device)  # float32 sums of 16-bit inputs
@@ -381,6 +404,13 @@ def _bad_calls(device):
         ("column_scores", (t(2, 3, 4),), ValueError, False),
         ("column_scores", (dy.int(),), TypeError, False),
         ("topk_unified", (dy, 0), ValueError, False),
+        ("topk_unified_feedback", (dy, t(6), 0, 0.5, True), ValueError, False),
+        ("topk_unified_feedback", (dy, t(6).double(), 2, 0.5, True), TypeError, False),
+        ("topk_unified_feedback", (dy.half(), t(6).half(), 2, 0.5, True), TypeError, False),
+        ("topk_unified_feedback", (dy, t(2, 3), 2, 0.5, False), ValueError, False),
+        ("topk_unified_feedback", (dy, t(5), 2, 0.5, True), ValueError, False),
+        ("topk_unified_feedback", (dy, t(6), 2, 0.0, True), ValueError, False),
+        ("topk_unified_feedback", (dy, t(6), 2, 1.5, True), ValueError, False),
         ("topk_unified", (dy, 7), ValueError, False),
         ("topk_rows", (dy, -1), ValueError, False),
         ("topk_rows", (t(2, 3, 4), 1), ValueError, False),
@@ -481,6 +511,7 @@ def test_opcheck_every_op(backend_device):
         "column_scores": (dy,),
         "topk_unified": (dy, 4),
         "topk_rows": (dy, 3),
+        "topk_unified_feedback": (dy, gaussian((11,), torch.float32, gen, device).abs(), 4, 0.5, True),
         "linear_input_grad_unified": (dy, w, idx),
         "linear_weight_grad_unified": (dy, x, idx),
         "linear_input_grad_rows": (vals, ridx, w),

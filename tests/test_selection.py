@@ -89,6 +89,42 @@ def test_linear_error_feedback_carries_the_dropped_scores():
     assert layer.feedback.shape == (6,)
 
 
+def _backend_case(name):
+    problem = meprop.backends.get(name).why_not(torch.device("cpu"))
+    return pytest.param(name, marks=[pytest.mark.skip(reason=problem[1])] if problem else [])
+
+
+@pytest.mark.parametrize("backend", [_backend_case(name) for name in ("reference", "cpu", "triton")])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_error_feedback_over_steps_matches_oracle(backend, bias):
+    """Four steps of float32 error feedback (the fused op topk_unified_feedback) against the memory's formula
+    and masked dense products; the memory stays float32 for a bfloat16 layer too."""
+    torch.manual_seed(1)
+    layer = meprop.Linear(5, 7, bias=bias, k=3, error_feedback=0.3, backend=backend)
+    x = torch.randn(4, 5, requires_grad=True)
+    memory = torch.zeros(7, dtype=torch.float64)
+    for step in range(4):
+        scales = (torch.randperm(7) + 1).double().tolist()
+        g = scaled_signs(4, scales).float()  # scores 4 * scales: exact
+        grads = torch.autograd.grad(layer(x), (x, layer.weight, *([layer.bias] if bias else [])), g)
+        ranked = 4 * torch.tensor(scales, dtype=torch.float64) + memory
+        kept = ranked.argsort(descending=True)[:3]  # no ties: ranked values are distinct here
+        odx, odw = masked_linear_grads(x.double(), layer.weight.double(), g.double(), kept)
+        torch.testing.assert_close(grads[0].double(), odx, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grads[1].double(), odw, rtol=1e-5, atol=1e-5)
+        assert (grads[1][ranked.argsort(descending=True)[3:]] == 0).all(), step
+        if bias:
+            torch.testing.assert_close(grads[2], g.sum(0))
+        memory = (0.3 * ranked).index_fill_(0, kept, 0)
+        assert layer.feedback.dtype == torch.float32
+        torch.testing.assert_close(layer.feedback.double(), memory, rtol=1e-6, atol=1e-6)
+        memory = layer.feedback.double()  # (the layer's float32 rounding carries on)
+    low = meprop.Linear(5, 7, k=3, error_feedback=True, dtype=torch.bfloat16, backend=backend)
+    if backend != "triton" or torch.bfloat16 in meprop.backends.get("triton").dtypes:
+        low(x.detach().bfloat16()).sum().backward()
+        assert low.feedback.dtype == torch.float32 and low.feedback.shape == (7,)
+
+
 def test_feedback_buffer_in_state_dict_both_ways():
     layer = meprop.Linear(4, 6, k=2, error_feedback=True)
     assert layer.state_dict()["feedback"].numel() == 0  # empty before the first backward

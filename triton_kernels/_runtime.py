@@ -32,7 +32,7 @@ _DEVICE = "cpu" if INTERPRETED else "cuda"
 
 
 # The position of k among the arguments of the ops that select with the top-k kernels.
-_K_ARGUMENT = {"topk_unified": 1, "topk_rows": 1, "linear_backward_unified": 3, "linear_backward_rows": 3, "lstm_backward": 11}
+_K_ARGUMENT = {"topk_unified": 1, "topk_unified_feedback": 2, "topk_rows": 1, "linear_backward_unified": 3, "linear_backward_rows": 3, "lstm_backward": 11}
 
 
 def _check_limits(name: str, args: tuple) -> None:

@@ -88,6 +88,26 @@ def topk_unified(dy: torch.Tensor, k: int) -> torch.Tensor:
     return idx
 
 
+@library_op("topk_unified_feedback")
+def topk_unified_feedback(
+    dy: torch.Tensor, memory: torch.Tensor, k: int, decay: float, bias_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unified top-k with error feedback: ``(kept (k,), next memory (out,), db)`` (see meprop.opdefs).
+
+    The column sums of the row parts (:func:`_column_partials`) plus the memory are ranked by the top-k
+    program (which ranks magnitudes); the next memory and the bias gradient are elementwise torch ops.
+    """
+    dy = dy.contiguous()
+    ranked = _column_partials(dy).sum(0) + memory
+    n_cols = ranked.shape[0]
+    idx = dy.new_empty((k,), dtype=torch.long)
+    plan = {**_topk_plan(n_cols, k), "ROWS": 1}
+    launch(topk_kernels.topk_kernel)[(1,)](ranked, ranked, idx, 1, n_cols, 1, n_cols, k, WRITE_VALS=False, **plan)
+    following = (ranked * decay).index_fill_(0, idx, 0)
+    db = dy.sum(0, dtype=torch.float32).to(dy.dtype) if bias_grad else dy.new_empty((0,))
+    return idx, following, db
+
+
 def _dot_upcast(t: torch.Tensor) -> bool:
     """Whether the GEMM kernels must give tl.dot float32 tiles (bfloat16 in the interpreter)."""
     return t.dtype == torch.bfloat16 and INTERPRETED

@@ -1,8 +1,6 @@
 // Unified top-k with error feedback on CUDA: the column scores of column_sums.cuh, then one block ranks
 // r = scores + memory with the block selection of select.cuh (keys of |r|) and writes the next memory
 // decay * r with the kept columns 0. k > kMaxSelect takes a sort of |r|. The bias gradient is ATen's sum.
-#include <ATen/ops/abs.h>
-#include <ATen/ops/index_fill.h>
 #include <ATen/ops/sort.h>
 #include <ATen/ops/sum.h>
 #include <torch/library.h>
@@ -63,10 +61,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_unified_feedback_cuda(const 
     });
   } else {
     // A stable descending sort ranks NaN first and keeps equal magnitudes in index order.
-    const at::Tensor ranked = scores + memory;
-    const at::Tensor order = std::get<1>(at::sort(at::abs(ranked), /*stable=*/true, /*dim=*/0, /*descending=*/true));
+    const at::Tensor ranked = scores.add(memory);
+    const at::Tensor order = std::get<1>(at::sort(ranked.abs(), /*stable=*/true, /*dim=*/0, /*descending=*/true));
     idx.copy_(order.narrow(0, 0, k));
-    next.copy_(ranked * decay);
+    next.copy_(ranked.mul(decay));
     next.index_fill_(0, idx, 0);
   }
   const at::Tensor db = bias_grad ? at::sum(dy, {0}, false, acc_dtype(dy.scalar_type())).to(dy.scalar_type())

@@ -259,7 +259,7 @@ class _SparseConv2d(torch.autograd.Function):
             else:
                 kept = selection.select(scores, ctx.k, "meprop.Conv2d")
         if owner is not None:
-            owner.last_k = kept.numel()
+            owner._record_selection(kept.numel())
         off = functional._autocast_on(dy.device.type)
         with torch.autocast(dy.device.type, enabled=False) if off else contextlib.nullcontext():
             dx, dw = conv2d_backward(

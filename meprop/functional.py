@@ -30,7 +30,6 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from torch.autograd.function import once_differentiable
 
 from . import backends, distributed, reference, selection
 from .opdefs import accumulate_dtype
@@ -222,7 +221,6 @@ class _ControlledLinear(torch.autograd.Function):
         return F.linear(input, weight, bias)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
         input, weight = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
@@ -232,18 +230,23 @@ class _ControlledLinear(torch.autograd.Function):
             dy = dy.to(weight.dtype)
         x = input.reshape(dy.shape[0], weight.shape[1])
         feedback = owner is not None and owner.error_feedback
-        backend = backends.loaded(ctx.backend)
+        # Differentiating again (create_graph=True): the selection is held fixed (computed without a graph) and
+        # the products are the reference's PyTorch ops, which autograd sees through, as in _SparseLinear.
+        again = torch.is_grad_enabled()
+        backend = backends.loaded("reference" if again else ctx.backend)
         db = None
-        if feedback and not isinstance(ctx.k, selection.Adaptive):  # one op: scores, memory, selection and db
-            memory = owner._feedback_memory(out, accumulate_dtype(dy.dtype))
-            kept, owner.feedback, db = backend.topk_unified_feedback(dy, memory, ctx.k, owner.feedback_decay, need_db)
-            db = db if need_db else None
-        elif feedback:
-            kept = owner._feedback_select(backend.column_scores(dy), ctx.k, ctx.where)
-        else:
-            kept = selection.select(backend.column_scores(dy), ctx.k, ctx.where)
-        if owner is not None:
-            owner.last_k = kept.numel()
+        with torch.no_grad() if again else contextlib.nullcontext():
+            if feedback and not isinstance(ctx.k, selection.Adaptive):  # one op: scores, memory, selection, db
+                memory = owner._feedback_memory(out, accumulate_dtype(dy.dtype))
+                kept, memory, db = backend.topk_unified_feedback(dy, memory, ctx.k, owner.feedback_decay, need_db)
+                owner._record_selection(ctx.k, memory)
+                db = db if need_db and not again else None
+            elif feedback:
+                kept = owner._feedback_select(backend.column_scores(dy), ctx.k, ctx.where)
+            else:
+                kept = selection.select(backend.column_scores(dy), ctx.k, ctx.where)
+                if owner is not None:
+                    owner._record_selection(kept.numel())
         off = _autocast_on(dy.device.type)
         with torch.autocast(dy.device.type, enabled=False) if off else contextlib.nullcontext():
             if kept.numel() >= out:  # the whole layer kept (an Adaptive k): the dense products
@@ -255,7 +258,7 @@ class _ControlledLinear(torch.autograd.Function):
             else:
                 dx, dw, db_products = linear_backward(  # eager only (controlled_linear): the dW buffer may be reused
                     dy, x, weight, k=kept.numel(), backend=backend, input_grad=need_dx, weight_grad=need_dw,
-                    bias_grad=need_db and db is None, sparse_grad=ctx.sparse_grad, idx=kept, reuse_grad=True,
+                    bias_grad=need_db and db is None, sparse_grad=ctx.sparse_grad, idx=kept, reuse_grad=not again,
                 )
                 dx = dx.reshape(input.shape) if need_dx else None
                 db = db if db is not None else db_products

@@ -169,8 +169,16 @@ class FeedbackMixin:
         """The kept columns for ``scores (width,)`` with error feedback (:func:`feedback_select`); updates the
         memory."""
         memory = self._feedback_memory(scores.shape[0], scores.dtype)
-        kept, self.feedback = feedback_select(scores, memory, k, self.feedback_decay, where)
+        kept, memory = feedback_select(scores, memory, k, self.feedback_decay, where)
+        self._record_selection(kept.numel(), memory)
         return kept
+
+    def _record_selection(self, k: int, memory: torch.Tensor | None = None) -> None:
+        """Stores a backward's ``k`` in ``last_k`` and, with error feedback, the next ``memory`` in the buffer,
+        past ``nn.Module.__setattr__`` (its lookups cost microseconds per layer and step)."""
+        self.__dict__["last_k"] = k
+        if memory is not None:
+            self._buffers["feedback"] = memory
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         if getattr(self, "error_feedback", False):

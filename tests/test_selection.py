@@ -125,6 +125,28 @@ def test_linear_error_feedback_over_steps_matches_oracle(backend, bias):
         assert low.feedback.dtype == torch.float32 and low.feedback.shape == (7,)
 
 
+@pytest.mark.parametrize("k", [2, meprop.Adaptive(0.6)], ids=["feedback", "adaptive"])
+def test_controlled_double_backward_holds_the_selection_fixed(k):
+    """create_graph=True: the same first-order gradients and memory as without it, and a gradient penalty
+    differentiates dx = (dy masked to the kept columns) W exactly (float64 oracle)."""
+    layers = [meprop.Linear(5, 6, k=k, error_feedback=True, dtype=torch.float64) for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64, requires_grad=True)
+    g = torch.randn(4, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    plain = torch.autograd.grad(layers[0](x), (x, layers[0].weight), g)
+    graph = torch.autograd.grad(layers[1](x), (x, layers[1].weight), g, create_graph=True)
+    for a, b in zip(plain, graph):
+        torch.testing.assert_close(a, b)
+    assert torch.equal(layers[0].feedback, layers[1].feedback) and layers[0].last_k == layers[1].last_k
+    assert not layers[1].feedback.requires_grad
+    graph[0].square().sum().backward()
+    kept = g.abs().sum(0).argsort(descending=True)[: layers[1].last_k]  # the first step: memory 0
+    mask = torch.zeros(6, dtype=torch.float64).index_fill_(0, kept, 1.0)
+    w = layers[1].weight.detach().clone().requires_grad_()
+    ((g * mask) @ w).square().sum().backward()
+    torch.testing.assert_close(layers[1].weight.grad, w.grad)
+    assert layers[1].weight.grad.abs().sum() > 0
+
 def test_feedback_buffer_in_state_dict_both_ways():
     layer = meprop.Linear(4, 6, k=2, error_feedback=True)
     assert layer.state_dict()["feedback"].numel() == 0  # empty before the first backward

@@ -250,16 +250,17 @@ class _SparseConv2d(torch.autograd.Function):
         owner = ctx.owner
         feedback = owner is not None and owner.error_feedback
         dy = grad_output
+        memory = None
         if ctx.mode == "random_unified":
             kept = torch.randperm(dy.shape[1], generator=ctx.generator, device=dy.device)[: ctx.k]
         else:
             scores = channel_scores(dy)
             if feedback:
-                kept = owner._feedback_select(scores, ctx.k, "meprop.Conv2d")
+                kept, memory = owner._feedback_select(scores, ctx.k, "meprop.Conv2d")
             else:
                 kept = selection.select(scores, ctx.k, "meprop.Conv2d")
         if owner is not None:
-            owner._record_selection(kept.numel())
+            owner._record_selection(kept.numel(), memory)
         off = functional._autocast_on(dy.device.type)
         with torch.autocast(dy.device.type, enabled=False) if off else contextlib.nullcontext():
             dx, dw = conv2d_backward(

@@ -30,7 +30,6 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-
 from . import backends, distributed, reference, selection
 from .opdefs import accumulate_dtype
 
@@ -234,19 +233,18 @@ class _ControlledLinear(torch.autograd.Function):
         # the products are the reference's PyTorch ops, which autograd sees through, as in _SparseLinear.
         again = torch.is_grad_enabled()
         backend = backends.loaded("reference" if again else ctx.backend)
-        db = None
+        db = memory = None
         with torch.no_grad() if again else contextlib.nullcontext():
             if feedback and not isinstance(ctx.k, selection.Adaptive):  # one op: scores, memory, selection, db
                 memory = owner._feedback_memory(out, accumulate_dtype(dy.dtype))
                 kept, memory, db = backend.topk_unified_feedback(dy, memory, ctx.k, owner.feedback_decay, need_db)
-                owner._record_selection(ctx.k, memory)
                 db = db if need_db and not again else None
             elif feedback:
-                kept = owner._feedback_select(backend.column_scores(dy), ctx.k, ctx.where)
+                kept, memory = owner._feedback_select(backend.column_scores(dy), ctx.k, ctx.where)
             else:
                 kept = selection.select(backend.column_scores(dy), ctx.k, ctx.where)
-                if owner is not None:
-                    owner._record_selection(kept.numel())
+        if owner is not None:
+            owner._record_selection(kept.numel(), memory)
         off = _autocast_on(dy.device.type)
         with torch.autocast(dy.device.type, enabled=False) if off else contextlib.nullcontext():
             if kept.numel() >= out:  # the whole layer kept (an Adaptive k): the dense products

@@ -165,13 +165,11 @@ class FeedbackMixin:
             return torch.zeros(width, device=memory.device, dtype=dtype)
         return memory if memory.dtype == dtype else memory.to(dtype)
 
-    def _feedback_select(self, scores: torch.Tensor, k, where: str) -> torch.Tensor:
-        """The kept columns for ``scores (width,)`` with error feedback (:func:`feedback_select`); updates the
-        memory."""
-        memory = self._feedback_memory(scores.shape[0], scores.dtype)
-        kept, memory = feedback_select(scores, memory, k, self.feedback_decay, where)
-        self._record_selection(kept.numel(), memory)
-        return kept
+    def _feedback_select(self, scores: torch.Tensor, k, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(kept, next_memory)`` for ``scores (width,)`` with error feedback (:func:`feedback_select`) from the
+        layer's memory; :meth:`_record_selection` stores the next memory."""
+        return feedback_select(scores, self._feedback_memory(scores.shape[0], scores.dtype), k, self.feedback_decay,
+                               where)
 
     def _record_selection(self, k: int, memory: torch.Tensor | None = None) -> None:
         """Stores a backward's ``k`` in ``last_k`` and, with error feedback, the next ``memory`` in the buffer,

@@ -147,6 +147,7 @@ def test_controlled_double_backward_holds_the_selection_fixed(k):
     torch.testing.assert_close(layers[1].weight.grad, w.grad)
     assert layers[1].weight.grad.abs().sum() > 0
 
+
 def test_feedback_buffer_in_state_dict_both_ways():
     layer = meprop.Linear(4, 6, k=2, error_feedback=True)
     assert layer.state_dict()["feedback"].numel() == 0  # empty before the first backward

@@ -41,15 +41,16 @@ TEXT = ["--vocab-size", "10000", "--batch-size", "32", "--embeddings", "$MEPROP_
 SEED_TR = ["--heads", "5", "--feedforward", "256", "--autoencoder-lr", "5e-4"]  # 50-d GloVe: 5 heads of 10
 COMPACT_TR = ["--d-model", "64", "--heads", "4", "--feedforward", "128"]
 DATASETS = {  # dataset -> extra options (data scaled down; see SCALED)
-    "rotten_tomatoes": ["--dataset", "rotten_tomatoes", "--max-len", "29", "--train-limit", "4000", "--epochs", "12"],
+    "rotten_tomatoes": ["--dataset", "rotten_tomatoes", "--max-len", "29", "--train-limit", "4000", "--epochs", "24"],
     "emotion": ["--dataset", "emotion", "--max-len", "57", "--train-limit", "4000", "--epochs", "25"],
     "sst2": ["--dataset", "sst2", "--max-len", "57", "--train-limit", "4000", "--valid-fraction", "0.1",
-             "--epochs", "12"],
+             "--epochs", "24"],
+    "emotion_all": ["--dataset", "emotion", "--max-len", "57", "--epochs", "20"],  # the whole 16,000 texts
 }
 ROWS = {
     "mnist-mlp-compact": [*MNIST, "--model", "mlp", "--hidden", "256", "--components", "3", "--epochs", "10",
                           "--train-limit", "20000"],
-    "mnist-cnn-compact": [*MNIST, "--model", "cnn", "--channels", "16,32,64", "--epochs", "15",
+    "mnist-cnn-compact": [*MNIST, "--model", "cnn", "--channels", "16,32,64", "--epochs", "30",
                           "--train-limit", "8000"],
 }
 for _name, _data in DATASETS.items():
@@ -57,23 +58,23 @@ for _name, _data in DATASETS.items():
     ROWS[f"{_name}-transformer-seed"] = [*_data, *TEXT, "--model", "transformer", "--arch", "seed", *SEED_TR]
     ROWS[f"{_name}-lstm-compact"] = [*_data, *TEXT, "--model", "lstm", "--hidden", "64"]
     ROWS[f"{_name}-transformer-compact"] = [*_data, *TEXT, "--model", "transformer", *COMPACT_TR]
-# emotion's whole training set (16,000 texts) with the seed Transformer, beside its 4,000-text row
-ROWS["emotion_all-transformer-seed"] = ["--dataset", "emotion", "--max-len", "57", "--epochs", "20", *TEXT,
-                                        "--model", "transformer", "--arch", "seed", *SEED_TR]
 LONGER = {"emotion-lstm-seed": 40}  # rows whose curves (both methods) still rose at the data set's budget
 for _row, _epochs in LONGER.items():
     ROWS[_row][ROWS[_row].index("--epochs") + 1] = str(_epochs)
+# emotion's 4,000-text rows: a scale-down study, reported apart; the table (and the goals) use the whole set
+SUPERSEDED = {f"emotion-{m}": f"emotion_all-{m}" for m in ("lstm-seed", "transformer-seed", "lstm-compact",
+                                                           "transformer-compact")}
 SCALED = (
     "MNIST: MLP 3 components x 256 units, 20,000 training images, 10 epochs; CNN 3 conv components (16/32/64 "
-    "channels), 8,000 training images, 15 epochs; 10% of the training images held out for validation. Text: "
-    "4,000 training texts of each data set (rotten_tomatoes has 8,530, emotion 16,000, sst2 67,349), 12 epochs "
-    "(emotion: 25, with the seed LSTM 40; at half these budgets both methods were still rising; emotion_all: "
-    "the whole 16,000 texts, 20 epochs), "
-    "batch 32, GloVe 50-d limited to the 5,050 most frequent words (the seed: 300-d GloVe, so the seed "
-    "Transformer's d_model is 50 with 5 heads instead of 300 with 4), vocabulary 10,000, max_len in tokens from "
-    "the seed's presets (rotten_tomatoes 29; emotion and sst2 57); seed LSTM l1_dim 64 (seed presets: 256), "
-    "seed Transformer d_ff 256, autoencoder lr 5e-4; compact LSTM 64 units per direction, compact Transformer "
-    "d_model 64, 4 heads, d_ff 128. sst2 is tested on GLUE's labelled dev set (872), validated on 10% of train."
+    "channels), 8,000 training images, 30 epochs; 10% of the training images held out for validation. Text: "
+    "rotten_tomatoes and sst2 on 4,000 training texts (of 8,530 and 67,349), 24 epochs; emotion (emotion_all) on "
+    "the whole 16,000 texts, 20 epochs; batch 32, GloVe 50-d limited to the 5,050 most frequent words (the seed: "
+    "300-d GloVe, so the seed Transformer's d_model is 50 with 5 heads instead of 300 with 4), vocabulary 10,000, "
+    "max_len in tokens from the seed's presets (rotten_tomatoes 29; emotion and sst2 57); seed LSTM l1_dim 64 "
+    "(seed presets: 256), seed Transformer d_ff 256, autoencoder lr 5e-4; compact LSTM 64 units per direction, "
+    "compact Transformer d_model 64, 4 heads, d_ff 128. sst2 is tested on GLUE's labelled dev set (872), "
+    "validated on 10% of train. The emotion rows on 4,000 texts (25 epochs, with the seed LSTM 40) are listed "
+    "apart, outside the goal count."
 )
 
 
@@ -184,6 +185,8 @@ def aggregate(data: dict) -> list[dict]:
             runs = current_runs(data, row, method)
             acc = [100 * r["test_accuracy"] for r in runs]
             entry[method] = {"n": len(acc), "mean": statistics.mean(acc) if acc else None,
+                             "best_epochs": [r["selected_epoch"] for r in runs],
+                             "epochs": max((len(r["validation_curve"]) for r in runs), default=0),
                              "std": statistics.stdev(acc) if len(acc) > 1 else None,
                              "curve": [statistics.mean(c) * 100 for c in zip(*(r["validation_curve"] for r in runs))]
                              if runs else []}
@@ -200,11 +203,19 @@ def report() -> None:
     save(data)
     fmt = lambda m: f"{m['mean']:.2f} ± {m['std']:.2f}" if m["std"] is not None else (  # noqa: E731
         f"{m['mean']:.2f}" if m["mean"] is not None else "—")
-    lines = ["| row (data-model-arch) | AL test acc. (%) | BP test acc. (%) | AL − BP | seeds |", "|---|---|---|---|---|"]
-    for r in rows:
-        diff = f"{r['al_minus_bp']:+.2f}" if "al_minus_bp" in r else "—"
-        lines.append(f"| {r['row']} | {fmt(r['al'])} | {fmt(r['bp'])} | {diff} | {r['al']['n']}/{r['bp']['n']} |")
-    done = [r for r in rows if "al_minus_bp" in r]
+    def table(selected):
+        lines = ["| row (data-model-arch) | AL test acc. (%) | BP test acc. (%) | AL − BP | seeds | best epochs AL; BP |",
+                 "|---|---|---|---|---|---|"]
+        for r in selected:
+            diff = f"{r['al_minus_bp']:+.2f}" if "al_minus_bp" in r else "—"
+            best = "; ".join(",".join(map(str, r[m]["best_epochs"])) for m in METHODS)
+            budget = max(r["al"]["epochs"], r["bp"]["epochs"])
+            lines.append(f"| {r['row']} | {fmt(r['al'])} | {fmt(r['bp'])} | {diff} | {r['al']['n']}/{r['bp']['n']} | "
+                         f"{f'{best} (of {budget})' if budget else '—'} |")
+        return lines
+
+    lines = table([r for r in rows if r["row"] not in SUPERSEDED])
+    done = [r for r in rows if "al_minus_bp" in r and r["row"] not in SUPERSEDED]
     used = [run for row in ROWS for m in METHODS for run in current_runs(data, row, m)]
     text = "\n".join(lines) + "\n\n" + (
         f"{sum(r['al_minus_bp'] >= -0.5 for r in done)} of {len(done)} rows AL >= BP - 0.5; "
@@ -213,6 +224,10 @@ def report() -> None:
         f"{'; '.join(sorted({r.get('machine', OLD_MACHINE) for r in used}))}; 1 torch thread per run, "
         f"{data.get('runs_at_a_time', 2)} runs at a time. Test accuracy of "
         f"each run's best validation epoch, mean ± sample std over the seeds. Scaled down: {SCALED}\n")
+    apart = [r for r in rows if r["row"] in SUPERSEDED]
+    if apart:
+        text += ("\nScale-down study, not in the count above: emotion on 4,000 of its 16,000 training texts (the "
+                 "whole-set rows are emotion_all-*).\n\n" + "\n".join(table(apart)) + "\n")
     (RESULTS / "al.md").write_text("# AL vs BP (benchmarks/al_results.py)\n\n" + text)
     print(text)
     import matplotlib

@@ -129,3 +129,28 @@ def test_al_results_reruns_only_runs_whose_settings_changed(tmp_path, monkeypatc
     assert {c[0] for c in calls} == {"a"} and len(calls) == 4
     summary = al_results.aggregate(al_results.load())
     assert summary[0]["al"]["n"] == 2 and abs(summary[0]["al_minus_bp"] - 10) < 1e-9
+
+
+def test_al_results_report_lists_superseded_rows_apart(tmp_path, monkeypatch):
+    """A superseded row (a scale-down study) is tabled apart and left out of the goal count; the table shows
+    each run's best epoch and the budget."""
+    import al_results
+
+    monkeypatch.setattr(al_results, "RESULTS", tmp_path)
+    monkeypatch.setattr(al_results, "ROWS", {"small": ["--epochs", "3"], "whole": ["--epochs", "4"]})
+    monkeypatch.setattr(al_results, "SUPERSEDED", {"small": "whole"})
+
+    def fake_run(row, method, seed):
+        curve = [0.5, 0.6, 0.7] if row == "small" else [0.5, 0.9, 0.6, 0.6]
+        return {"test_accuracy": (0.4 if method == "al" and row == "small" else 0.8) + 0.01 * seed,
+                "command": al_results.command_for(row, method, seed), "date_utc": "2026-12-02 00:00",
+                "machine": "test", "validation_curve": curve, "selected_epoch": curve.index(max(curve)) + 1,
+                "seconds": 0.0}
+
+    monkeypatch.setattr(al_results, "one_run", fake_run)
+    al_results.campaign(["*"], [0, 1], jobs=1, budget=None, force=False)
+    al_results.report()
+    main, apart = (tmp_path / "al.md").read_text().split("Scale-down study")
+    assert "| whole |" in main and "| small |" not in main and "1 of 1 rows AL >= BP - 0.5" in main
+    assert "| small |" in apart and "-40.00" in apart and "3,3; 3,3 (of 3)" in apart
+    assert "2,2; 2,2 (of 4)" in main

@@ -50,7 +50,7 @@ DATASETS = {  # dataset -> extra options (data scaled down; see SCALED)
 ROWS = {
     "mnist-mlp-compact": [*MNIST, "--model", "mlp", "--hidden", "256", "--components", "3", "--epochs", "10",
                           "--train-limit", "20000"],
-    "mnist-cnn-compact": [*MNIST, "--model", "cnn", "--channels", "16,32,64", "--epochs", "15",
+    "mnist-cnn-compact": [*MNIST, "--model", "cnn", "--channels", "16,32,64", "--epochs", "30",
                           "--train-limit", "8000"],
 }
 for _name, _data in DATASETS.items():
@@ -66,7 +66,7 @@ SUPERSEDED = {f"emotion-{m}": f"emotion_all-{m}" for m in ("lstm-seed", "transfo
                                                            "transformer-compact")}
 SCALED = (
     "MNIST: MLP 3 components x 256 units, 20,000 training images, 10 epochs; CNN 3 conv components (16/32/64 "
-    "channels), 8,000 training images, 15 epochs; 10% of the training images held out for validation. Text: "
+    "channels), 8,000 training images, 30 epochs; 10% of the training images held out for validation. Text: "
     "rotten_tomatoes and sst2 on 4,000 training texts (of 8,530 and 67,349), 24 epochs; emotion (emotion_all) on "
     "the whole 16,000 texts, 20 epochs; batch 32, GloVe 50-d limited to the 5,050 most frequent words (the seed: "
     "300-d GloVe, so the seed Transformer's d_model is 50 with 5 heads instead of 300 with 4), vocabulary 10,000, "

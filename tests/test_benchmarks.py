@@ -109,7 +109,7 @@ def test_al_results_reruns_only_runs_whose_settings_changed(tmp_path, monkeypatc
     monkeypatch.setattr(al_results, "ROWS", {"a": ["--epochs", "2"], "b": ["--epochs", "3"]})
     calls = []
 
-    def fake_run(row, method, seed):
+    def fake_run(row, method, seed, extra=()):
         calls.append((row, method, seed))
         return {"test_accuracy": 0.5 + 0.1 * (method == "al"), "command": al_results.command_for(row, method, seed),
                 "date_utc": "2026-12-02 00:00", "machine": "test", "validation_curve": [0.5],
@@ -140,7 +140,7 @@ def test_al_results_report_lists_superseded_rows_apart(tmp_path, monkeypatch):
     monkeypatch.setattr(al_results, "ROWS", {"small": ["--epochs", "3"], "whole": ["--epochs", "4"]})
     monkeypatch.setattr(al_results, "SUPERSEDED", {"small"})
 
-    def fake_run(row, method, seed):
+    def fake_run(row, method, seed, extra=()):
         curve = [0.5, 0.6, 0.7] if row == "small" else [0.5, 0.9, 0.6, 0.6]
         return {"test_accuracy": (0.4 if method == "al" and row == "small" else 0.8) + 0.01 * seed,
                 "command": al_results.command_for(row, method, seed), "date_utc": "2026-12-02 00:00",
@@ -154,3 +154,56 @@ def test_al_results_report_lists_superseded_rows_apart(tmp_path, monkeypatch):
     assert "| whole |" in main and "| small |" not in main and "1 of 1 rows AL >= BP - 0.5" in main
     assert "| small |" in apart and "-40.00" in apart and "3,3; 3,3 (of 3)" in apart
     assert "2,2; 2,2 (of 4)" in main
+
+
+def test_al_results_sweep_selects_on_validation_and_reuses_the_winner(tmp_path, monkeypatch):
+    """A swept row: each candidate trains once on the sweep seed; the one with the best validation accuracy
+    (not test) is used for every seed, its sweep run reused as that seed's run; the report lists the sweep."""
+    import al_results
+
+    monkeypatch.setattr(al_results, "RESULTS", tmp_path)
+    monkeypatch.setattr(al_results, "ROWS", {"r": ["--epochs", "2"]})
+    monkeypatch.setattr(al_results, "SUPERSEDED", set())
+    monkeypatch.setattr(al_results, "SWEEPS", {"r": {"al": ([], ["--x", "1"], ["--x", "2"]), "bp": ([], ["--y", "1"])}})
+    valid = {(): 0.70, ("--x", "1"): 0.80, ("--x", "2"): 0.75, ("--y", "1"): 0.60}
+    calls = []
+
+    def fake_run(row, method, seed, extra=()):
+        calls.append((method, seed, tuple(extra)))
+        return {"test_accuracy": 1.0 - valid[tuple(extra)] + 0.01 * seed,  # test favours the worst on validation
+                "best_validation_accuracy": valid[tuple(extra)] - 0.01 * seed,
+                "command": al_results.command_for(row, method, seed, extra), "date_utc": "2026-12-04 00:00",
+                "machine": "test", "validation_curve": [0.5], "selected_epoch": 1, "seconds": 0.0}
+
+    monkeypatch.setattr(al_results, "one_run", fake_run)
+    al_results.campaign(["r"], [0, 1, 2], jobs=1, budget=None, force=False)
+    sweep = [c for c in calls if c[1] == 0]
+    assert sorted(sweep) == sorted([("al", 0, ()), ("al", 0, ("--x", "1")), ("al", 0, ("--x", "2")),
+                                    ("bp", 0, ()), ("bp", 0, ("--y", "1"))])  # seed 0 once per candidate
+    assert sorted(c for c in calls if c[1]) == [("al", 1, ("--x", "1")), ("al", 2, ("--x", "1")),
+                                                ("bp", 1, ()), ("bp", 2, ())]
+    data = al_results.load()
+    assert data["runs"]["r/al/seed0"]["command"] == al_results.command_for("r", "al", 0, ["--x", "1"])
+    row = al_results.aggregate(data)[0]
+    assert row["al"]["n"] == 3 and row["bp"]["n"] == 3
+    assert abs(row["al"]["mean"] - 100 * (0.2 + 0.01)) < 1e-9  # seeds 0-2 of the chosen --x 1
+    calls.clear()
+    al_results.campaign(["r"], [0, 1, 2], jobs=1, budget=None, force=False)
+    assert calls == []  # all current
+    al_results.report()
+    text = (tmp_path / "al.md").read_text()
+    assert "- r AL: row options 70.00; --x 1 80.00 (chosen); --x 2 75.00" in text
+    assert "- r BP: row options 70.00 (chosen); --y 1 60.00" in text
+
+
+def test_al_results_sweep_unfinished_counts_no_runs(tmp_path, monkeypatch):
+    """While a candidate has not run, the row's seeds are neither started nor counted."""
+    import al_results
+
+    monkeypatch.setattr(al_results, "RESULTS", tmp_path)
+    monkeypatch.setattr(al_results, "ROWS", {"r": ["--epochs", "2"]})
+    monkeypatch.setattr(al_results, "SWEEPS", {"r": {"al": ([], ["--x", "1"]), "bp": ([],)}})
+    monkeypatch.setattr(al_results, "one_run", lambda *a: pytest.fail("no run expected"))
+    al_results.campaign(["r"], [0, 1], jobs=1, budget=-1, force=False)  # budget spent: nothing starts
+    row = al_results.aggregate(al_results.load())[0]
+    assert row["al"]["n"] == 0 and row["bp"]["n"] == 0

@@ -153,7 +153,26 @@ def test_al_results_report_lists_superseded_rows_apart(tmp_path, monkeypatch):
     main, apart = (tmp_path / "al.md").read_text().split("Scale-down study")
     assert "| whole |" in main and "| small |" not in main and "1 of 1 rows AL >= BP - 0.5" in main
     assert "| small |" in apart and "-40.00" in apart and "3,3; 3,3 (of 3)" in apart
-    assert "2,2; 2,2 (of 4)" in main
+    assert "2,2; 2,2 (of 4) | +0.00; +0.00 |" in main  # late gain: last quarter (0.6) - the one before (0.6)
+    assert "3,3; 3,3 (of 3) | —; — |" in apart  # under 4 epochs: no late gain
+
+
+def test_al_results_default_seeds_per_data_set(tmp_path, monkeypatch):
+    """Without --seeds, rows on the small-test-set data sets (rotten_tomatoes, sst2) run 5 seeds, others 3."""
+    import al_results
+
+    monkeypatch.setattr(al_results, "RESULTS", tmp_path)
+    monkeypatch.setattr(al_results, "ROWS", {"sst2-x": ["--epochs", "1"], "mnist-x": ["--epochs", "1"]})
+    calls = []
+
+    def fake_run(row, method, seed, extra=()):
+        calls.append((row, seed))
+        return {"test_accuracy": 0.5, "command": al_results.command_for(row, method, seed), "validation_curve": [0.5],
+                "date_utc": "2026-12-04 00:00", "machine": "test", "selected_epoch": 1, "seconds": 0.0}
+
+    monkeypatch.setattr(al_results, "one_run", fake_run)
+    al_results.campaign(["*"], None, jobs=1, budget=None, force=False)
+    assert sorted({c for c in calls}) == [("mnist-x", s) for s in range(3)] + [("sst2-x", s) for s in range(5)]
 
 
 def test_al_results_sweep_selects_on_validation_and_reuses_the_winner(tmp_path, monkeypatch):

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DATA = Path(os.environ.get("MEPROP_DATA", ROOT.parent / "shared" / "data"))
 GLOVE = "vectors/glove.6B.50d.top5k_rounded6.txt"
+README = ROOT / "al" / "README.md"  # its results tables are written by --report
 METHODS = ("al", "bp")
 OLD_MACHINE = "AMD EPYC (x86_64), 2 cores, torch 2.13.0+cpu"  # runs recorded before runs carried their machine
 
@@ -277,7 +278,21 @@ def late_gain(curve: list[float]) -> float | None:
     return statistics.mean(curve[-q:]) - statistics.mean(curve[-2 * q:-q]) if q else None
 
 
-def report() -> None:
+def sync_blocks(path: Path, blocks: dict[str, str]) -> None:
+    """Replaces the text between ``<!-- al_results:NAME -->`` and ``<!-- /al_results:NAME -->`` in ``path`` with
+    ``blocks[NAME]``, for every name (each marker pair must be there once)."""
+    text = path.read_text()
+    for name, body in blocks.items():
+        start, end = f"<!-- al_results:{name} -->\n", f"<!-- /al_results:{name} -->"
+        if text.count(start) != 1 or text.count(end) != 1:
+            raise ValueError(f"{path} needs one {start.strip()} ... {end} pair")
+        head, rest = text.split(start)
+        text = head + start + body + rest[rest.index(end):]
+    path.write_text(text)
+
+
+def report(readme: Path | None = None) -> None:
+    """Writes al.md, al.png and the summary in al.json; with ``readme``, also its tables (see :func:`sync_blocks`)."""
     data = load()
     rows = aggregate(data)
     data["summary"] = [{k: v for k, v in r.items()} for r in rows]
@@ -302,9 +317,10 @@ def report() -> None:
     lines = table(counted)
     done = [r for r in counted if "al_minus_bp" in r]
     used = [run for row in ROWS for m in METHODS for run in current_runs(data, row, m)]
-    text = "\n".join(lines) + "\n\n" + (
+    blocks = {"table": "\n".join(lines) + "\n\n" + (
         f"{sum(r['al_minus_bp'] >= -0.5 for r in done)} of {len(done)} rows AL >= BP - 0.5; "
-        f"{sum(r['al_minus_bp'] >= 0 for r in done)} of {len(done)} AL >= BP.\n\n"
+        f"{sum(r['al_minus_bp'] >= 0 for r in done)} of {len(done)} AL >= BP.\n")}
+    text = blocks["table"] + "\n" + (
         f"Measured {min(r['date_utc'] for r in used)} to {max(r['date_utc'] for r in used)} UTC on "
         f"{'; '.join(sorted({r.get('machine', OLD_MACHINE) for r in used}))}; 1 torch thread per run, "
         f"{data.get('runs_at_a_time', 2)} runs at a time. Test accuracy of "
@@ -312,6 +328,7 @@ def report() -> None:
         f"accuracy over the last quarter of the epochs minus over the quarter before (points; about zero or below "
         f"once a method has converged). Scaled down: {SCALED}\n")
     swept = [row for row in ROWS if row in SWEEPS and row not in SUPERSEDED]
+    blocks["sweeps"] = ""
     if swept:
         text += (f"\nOptions chosen on validation (one run per candidate, seed {SWEEP_SEED}; its best validation "
                  "accuracy, %; the chosen one is used for every seed):\n\n")
@@ -321,12 +338,16 @@ def report() -> None:
                 tried = [f"{' '.join(c) or 'row options'} "
                          + (f"{100 * rec['best_validation_accuracy']:.2f}" if rec else "(not run)")
                          + (" (chosen)" if c == chosen else "") for c, rec in sweep_results(data, row, method)]
-                text += f"- {row} {method.upper()}: {'; '.join(tried)}\n"
+                blocks["sweeps"] += f"- {row} {method.upper()}: {'; '.join(tried)}\n"
+        text += blocks["sweeps"]
     apart = [r for r in rows if r["row"] in SUPERSEDED]
+    blocks["apart"] = "\n".join(table(apart)) + "\n"
     if apart:
         text += ("\nScale-down study, not in the count above: emotion on 4,000 of its 16,000 training texts (the "
-                 "whole-set rows are emotion_all-*).\n\n" + "\n".join(table(apart)) + "\n")
+                 "whole-set rows are emotion_all-*).\n\n" + blocks["apart"])
     (RESULTS / "al.md").write_text("# AL vs BP (benchmarks/al_results.py)\n\n" + text)
+    if readme is not None:
+        sync_blocks(readme, blocks)
     print(text)
     import matplotlib
 
@@ -360,7 +381,8 @@ def main(argv=None) -> None:
     p.add_argument("--budget", type=float, help="start no run after this many seconds")
     p.add_argument("--force", action="store_true", help="redo runs already in al.json")
     p.add_argument("--list", action="store_true")
-    p.add_argument("--report", action="store_true", help="write al.md, al.png and the summary in al.json")
+    p.add_argument("--report", action="store_true",
+                   help="write al.md, al.png, the summary in al.json and the tables in al/README.md")
     args = p.parse_args(argv)
     if args.list:
         print("\n".join(ROWS))
@@ -368,7 +390,7 @@ def main(argv=None) -> None:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
         campaign(args.rows, seeds, args.jobs, args.budget, args.force)
     if args.report:
-        report()
+        report(README)
 
 
 if __name__ == "__main__":

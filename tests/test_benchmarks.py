@@ -226,3 +226,31 @@ def test_al_results_sweep_unfinished_counts_no_runs(tmp_path, monkeypatch):
     al_results.campaign(["r"], [0, 1], jobs=1, budget=-1, force=False)  # budget spent: nothing starts
     row = al_results.aggregate(al_results.load())[0]
     assert row["al"]["n"] == 0 and row["bp"]["n"] == 0
+
+
+def test_al_results_report_writes_the_readme_tables_between_markers(tmp_path, monkeypatch):
+    """--report rewrites only the marked blocks of the README (table with the goal count, sweeps, the study
+    apart); a README without a marker pair is an error naming it."""
+    import al_results
+
+    monkeypatch.setattr(al_results, "RESULTS", tmp_path)
+    monkeypatch.setattr(al_results, "ROWS", {"small": ["--epochs", "1"], "whole": ["--epochs", "1"]})
+    monkeypatch.setattr(al_results, "SUPERSEDED", {"small"})
+    monkeypatch.setattr(al_results, "SWEEPS", {})
+    monkeypatch.setattr(al_results, "one_run", lambda row, method, seed, extra=(): {
+        "test_accuracy": 0.5, "command": al_results.command_for(row, method, seed), "validation_curve": [0.5],
+        "date_utc": "2026-12-04 00:00", "machine": "test", "selected_epoch": 1, "seconds": 0.0})
+    al_results.campaign(["*"], [0], jobs=1, budget=None, force=False)
+    readme = tmp_path / "README.md"
+    blocks = "".join(f"<!-- al_results:{n} -->\nold {n}\n<!-- /al_results:{n} -->\nkept {n}\n"
+                     for n in ("table", "sweeps", "apart"))
+    readme.write_text("intro\n" + blocks)
+    al_results.report(readme)
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro\n") and "kept table" in text and "kept apart" in text
+    table, rest = text.split("<!-- /al_results:table -->")
+    assert "| whole |" in table and "| small |" not in table and "1 of 1 rows AL >= BP - 0.5" in table
+    assert "| small |" in rest.split("<!-- al_results:apart -->")[1]
+    readme.write_text("<!-- al_results:table -->\n<!-- /al_results:table -->\n")
+    with pytest.raises(ValueError, match="al_results:sweeps"):
+        al_results.report(readme)

@@ -146,12 +146,19 @@ def one_run(row: str, method: str, seed: int, extra=()) -> dict:
 
 def campaign(patterns, seeds, jobs, budget, force) -> None:
     """First the validation sweeps of the chosen rows (SWEEPS, on SWEEP_SEED), then each row's seeds (``seeds``,
-    or :func:`seeds_for` when None) with the selected options; a run whose command is already recorded (as a seed run or a sweep candidate) is reused."""
+    or :func:`seeds_for` when None) with the selected options. A run whose command is already recorded (as a
+    seed run or a sweep candidate) is copied, not redone; sweep candidates keep their own copy under "sweeps"."""
     rows = [r for r in ROWS if any(fnmatch.fnmatch(r, p) for p in patterns)]
     deadline = time.monotonic() + budget if budget else None
     data = load()
-    sweep = [(r, m, SWEEP_SEED, tuple(c)) for r in rows if r in SWEEPS for m in METHODS for c in SWEEPS[r][m]
-             if force or find_record(data, command_for(r, m, SWEEP_SEED, c)) is None]
+    sweep = []
+    for r, m, c in ((r, m, c) for r in rows if r in SWEEPS for m in METHODS for c in SWEEPS[r][m]):
+        known = None if force else find_record(data, command_for(r, m, SWEEP_SEED, c))
+        if known is not None:
+            data.setdefault("sweeps", {})[sweep_key(r, m, c)] = known
+        else:
+            sweep.append((r, m, SWEEP_SEED, tuple(c)))
+    save(data)
     _run_all(sweep, jobs, deadline, lambda row, method, seed, extra: ("sweeps", sweep_key(row, method, extra)))
     data = load()
     todo = []
@@ -213,8 +220,13 @@ def find_record(data: dict, command: str) -> dict | None:
 
 
 def sweep_results(data: dict, row: str, method: str) -> list[tuple[list[str], dict | None]]:
-    """The row's candidates for one method with their SWEEP_SEED record (None while not run)."""
-    return [(list(c), find_record(data, command_for(row, method, SWEEP_SEED, c))) for c in SWEEPS[row][method]]
+    """The row's candidates for one method with their SWEEP_SEED record (None while not run with today's row)."""
+    out = []
+    for c in SWEEPS[row][method]:
+        record = data.get("sweeps", {}).get(sweep_key(row, method, c))
+        current = record is not None and record["command"] == command_for(row, method, SWEEP_SEED, c)
+        out.append((list(c), record if current else None))
+    return out
 
 
 def selected_options(data: dict, row: str, method: str) -> list[str] | None:

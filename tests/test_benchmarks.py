@@ -254,3 +254,33 @@ def test_al_results_report_writes_the_readme_tables_between_markers(tmp_path, mo
     readme.write_text("<!-- al_results:table -->\n<!-- /al_results:table -->\n")
     with pytest.raises(ValueError, match="al_results:sweeps"):
         al_results.report(readme)
+
+
+def test_al_results_sweep_adopts_earlier_runs_and_keeps_them(tmp_path, monkeypatch):
+    """A row swept after its seeds were run: its seed-0 run is the row-options candidate (not redone), and it
+    stays a candidate after another candidate wins and takes the seed-0 slot."""
+    import al_results
+
+    monkeypatch.setattr(al_results, "RESULTS", tmp_path)
+    monkeypatch.setattr(al_results, "ROWS", {"r": ["--epochs", "2"]})
+    monkeypatch.setattr(al_results, "SWEEPS", {})
+    valid = {(): 0.70, ("--x", "1"): 0.80}
+    calls = []
+
+    def fake_run(row, method, seed, extra=()):
+        calls.append((method, seed, tuple(extra)))
+        return {"test_accuracy": 0.5, "best_validation_accuracy": valid[tuple(extra)],
+                "command": al_results.command_for(row, method, seed, extra), "date_utc": "2026-12-04 00:00",
+                "machine": "test", "validation_curve": [0.5], "selected_epoch": 1, "seconds": 0.0}
+
+    monkeypatch.setattr(al_results, "one_run", fake_run)
+    al_results.campaign(["r"], [0, 1], jobs=1, budget=None, force=False)
+    calls.clear()
+    monkeypatch.setattr(al_results, "SWEEPS", {"r": {"al": ([], ["--x", "1"]), "bp": ([],)}})
+    for _ in range(2):  # the second campaign finds everything current
+        al_results.campaign(["r"], [0, 1], jobs=1, budget=None, force=False)
+        assert calls == [("al", 0, ("--x", "1")), ("al", 1, ("--x", "1"))]
+    data = al_results.load()
+    assert [c for c, rec in al_results.sweep_results(data, "r", "al") if rec] == [[], ["--x", "1"]]
+    assert al_results.selected_options(data, "r", "al") == ["--x", "1"]
+    assert al_results.aggregate(data)[0]["al"]["n"] == 2 and al_results.aggregate(data)[0]["bp"]["n"] == 2
